@@ -1,0 +1,5 @@
+import sys
+
+from megadalle.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""`megadalle <command>`: parse, build the config, hand over to the command's module.
+
+Every command lives in its own module with two functions:
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace, cfg: megadalle.config.Config) -> int | None
+
+and is listed once in COMMANDS. Modules are imported only when their command runs, so
+`megadalle --help` works on a bare CPU machine without DeepSpeed being importable.
+
+Every command also takes `--preset NAME`, `--config FILE.yaml` and dotted overrides such as
+`--transformer.depth=8` (or `--transformer.depth 8`); precedence is CLI > file > preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megadalle.config import ConfigError, PRESETS, load_config
+
+# name -> (module, one-line help). Add a command here and nowhere else.
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+class CommandError(RuntimeError):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def _split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--a.b=v` / `--a.b v` overrides from arguments nobody claimed."""
+    overrides, unknown = [], []
+    i = 0
+    while i < len(extra):
+        tok = extra[i]
+        name = tok[2:].split("=", 1)[0] if tok.startswith("--") else ""
+        if "." in name:
+            if "=" in tok:
+                overrides.append(tok)
+            elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                overrides.append(f"{tok}={extra[i + 1]}")
+                i += 1
+            else:
+                unknown.append(tok)
+        else:
+            unknown.append(tok)
+        i += 1
+    return overrides, unknown
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megadalle",
+        description="Train DALL-E-style text-to-image models (dVAE + sparse transformer) on DeepSpeed.",
+        epilog="Every command takes --preset {%s}, --config FILE.yaml and dotted overrides "
+               "such as --transformer.depth=8." % ",".join(PRESETS))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--preset", default=None, choices=list(PRESETS), help="named configuration to start from")
+        p.add_argument("--config", default=None, metavar="FILE", help="YAML config (overrides the preset)")
+        p.set_defaults(_module=module)
+        # Each command's own arguments are added lazily in main(), once we know which one runs.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.print_usage(sys.stderr)
+        print(f"megadalle: unknown command {name!r}; commands: {', '.join(COMMANDS) or '(none)'}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"megadalle {name}", description=COMMANDS[name][1])
+    sub.add_argument("--preset", default=None, choices=list(PRESETS), help="named configuration to start from")
+    sub.add_argument("--config", default=None, metavar="FILE", help="YAML config (overrides the preset)")
+    module.add_arguments(sub)
+    args, extra = sub.parse_known_args(argv[1:])
+    overrides, unknown = _split_overrides(extra)
+    if unknown:
+        sub.print_usage(sys.stderr)
+        print(f"megadalle {name}: unrecognised arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.preset, args.config, overrides)
+        rc = module.run(args, cfg)
+    except (ConfigError, CommandError) as e:
+        print(f"megadalle {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megadalle {name}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,672 @@
+"""One typed configuration for every megadalle command.
+
+Precedence is CLI > YAML file > preset > defaults. Each section is a dataclass validated in
+``__post_init__`` with messages that say what to change; cross-section rules live in
+``Config.__post_init__``. Defaults are the paper's hyper-parameters (DALLE_FACTS.md) with the
+model sizes of the ``small`` preset, so that a bare ``Config()`` never allocates a 12B model.
+
+The resolved config is written into every run folder and every checkpoint (``to_dict`` /
+``save``), and ``Config.from_dict`` rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which one and how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShapesConfig:
+    """The built-in synthetic data set (procedurally rendered shapes with captions)."""
+
+    image_size: int = 64
+    n_train: int = 20000
+    n_val: int = 1000
+    max_objects: int = 2
+    # Fraction of (shape, colour) combinations never shown in training: the compositional
+    # held-out set. Chosen deterministically from `seed`.
+    heldout_fraction: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 16, f"data.shapes.image_size={self.image_size}: use at least 16 pixels")
+        _check(self.max_objects in (1, 2), f"data.shapes.max_objects={self.max_objects}: must be 1 or 2")
+        _check(0.0 <= self.heldout_fraction < 1.0, "data.shapes.heldout_fraction must be in [0, 1)")
+        _check(self.n_train > 0 and self.n_val >= 0, "data.shapes.n_train must be > 0 and n_val >= 0")
+
+
+@dataclass
+class DataConfig:
+    # "shapes" (built in, generated on demand), or a directory / glob of tar shards, or an
+    # image folder with side-by-side .txt captions.
+    source: str = "shapes"
+    # Token shards written by `megadalle encode` (stage 2 input). Empty: derived from run_dir.
+    token_source: str = ""
+    val_source: str = ""
+    image_size: int = 256
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    seed: int = 0
+    # Augmentation recipe: "stage1" (random crop, resize, flip), "stage2" (centre-ish crop, no
+    # flip; images may contain text), or "none" (resize only; deterministic).
+    augment: str = "stage1"
+    min_image_side: int = 16
+    max_aspect_ratio: float = 4.0
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.augment in ("stage1", "stage2", "none"),
+               f"data.augment={self.augment!r}: choose one of stage1, stage2, none")
+        _check(self.image_size >= 8, f"data.image_size={self.image_size}: use at least 8")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0 (0 disables shuffling)")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.max_aspect_ratio >= 1.0, "data.max_aspect_ratio must be >= 1")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""  # tokenizer.json; empty: <run_dir>/tokenizer.json
+    vocab_size: int = 16384
+    text_len: int = 256
+    bpe_dropout: float = 0.1  # applied in training only
+    lowercase: bool = True
+    min_frequency: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 260,
+               f"tokenizer.vocab_size={self.vocab_size}: byte-level BPE needs at least 260 (256 bytes + specials)")
+        _check(self.text_len >= 1, "tokenizer.text_len must be >= 1")
+        _check(0.0 <= self.bpe_dropout < 1.0, "tokenizer.bpe_dropout must be in [0, 1)")
+
+
+@dataclass
+class DVAEConfig:
+    image_size: int = 256
+    channels: int = 3
+    n_hid: int = 256
+    n_init: int = 128  # decoder's first width (the codebook dimension)
+    group_count: int = 4
+    n_blk_per_group: int = 2
+    vocab_size: int = 8192
+    logit_laplace_eps: float = 0.1
+    kl_weight: float = 6.6
+    # Schedule lengths as fractions of the run, so they scale with train length. The paper's
+    # 5,000 / 150,000 / 1,200,000 updates of a 3,000,000-update run give these fractions.
+    kl_warmup_fraction: float = 5000 / 3_000_000
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0 / 16
+    temperature_anneal_fraction: float = 150_000 / 3_000_000
+    straight_through: bool = False
+    # Not in the paper; off by default.
+    dead_code_restart: bool = False
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // 2 ** (self.group_count - 1)
+
+    def __post_init__(self) -> None:
+        _check(self.group_count >= 1, "dvae.group_count must be >= 1")
+        down = 2 ** (self.group_count - 1)
+        _check(self.image_size % down == 0,
+               f"dvae.image_size={self.image_size} must be divisible by 2^(group_count-1)={down}")
+        _check(self.vocab_size >= 2, "dvae.vocab_size must be >= 2")
+        _check(0 < self.logit_laplace_eps < 0.5, "dvae.logit_laplace_eps must be in (0, 0.5)")
+        _check(0 < self.temperature_end <= self.temperature_start,
+               "dvae.temperature_end must be > 0 and <= temperature_start")
+        _check(self.n_hid % 4 == 0, f"dvae.n_hid={self.n_hid}: must be divisible by 4 (bottleneck width = n_hid/4)")
+
+
+# The paper's per-layer schedule: layer i (1-based) is "conv" in the last layer, "column" where
+# (i - 2) % 4 == 0, "row" otherwise.
+ATTENTION_TYPES = ("row", "column", "conv", "full")
+
+
+def dalle_attention_schedule(depth: int) -> list[str]:
+    types = []
+    for i in range(1, depth + 1):
+        if i == depth:
+            types.append("conv")
+        elif (i - 2) % 4 == 0:
+            types.append("column")
+        else:
+            types.append("row")
+    return types
+
+
+@dataclass
+class TransformerConfig:
+    dim: int = 512
+    depth: int = 12
+    heads: int = 8
+    head_dim: int = 64
+    text_vocab_size: int = 16384
+    text_len: int = 256
+    image_vocab_size: int = 8192
+    image_grid: int = 32  # image tokens per side
+    # "dalle" for the paper's schedule, or a comma-separated list of ATTENTION_TYPES, one per
+    # layer (a shorter list repeats).
+    attention_schedule: str = "dalle"
+    conv_kernel: int = 11
+    # Row attention on a W-wide grid sees the previous W + 1 image tokens (the paper's 4x4 figure
+    # shows 5), i.e. ending with the same column one row up.
+    row_window: int = 0  # 0: image_grid + 1
+    backend: str = "dense"  # dense | flex | blocksparse
+    block_size: int = 64
+    mlp_ratio: int = 4
+    # The paper does not state these. Pre-norm LayerNorm + GELU: the GPT-2/3 choice that the
+    # paper's training recipe (lr 4.5e-4, clip 4) was designed around.
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    dropout: float = 0.0
+    text_loss_weight: float = 1.0 / 8
+    # Fraction of captions replaced by padding in training (classifier-free guidance); 0 = off.
+    caption_drop: float = 0.0
+
+    @property
+    def image_len(self) -> int:
+        return self.image_grid * self.image_grid
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    def layer_types(self) -> list[str]:
+        if self.attention_schedule == "dalle":
+            return dalle_attention_schedule(self.depth)
+        parts = [p.strip() for p in self.attention_schedule.split(",") if p.strip()]
+        return [parts[i % len(parts)] for i in range(self.depth)]
+
+    def __post_init__(self) -> None:
+        _check(self.dim == self.heads * self.head_dim,
+               f"transformer.dim={self.dim} must equal heads*head_dim={self.heads}*{self.head_dim}"
+               f"={self.heads * self.head_dim}")
+        _check(self.depth >= 1, "transformer.depth must be >= 1")
+        _check(self.backend in ("dense", "flex", "blocksparse"),
+               f"transformer.backend={self.backend!r}: choose dense, flex or blocksparse")
+        _check(self.block_size in (16, 32, 64, 128),
+               f"transformer.block_size={self.block_size}: choose 16, 32, 64 or 128")
+        _check(self.conv_kernel % 2 == 1 and self.conv_kernel >= 1,
+               "transformer.conv_kernel must be an odd positive number")
+        _check(self.activation in ("gelu", "relu", "swiglu"),
+               f"transformer.activation={self.activation!r}: choose gelu, relu or swiglu")
+        _check(self.norm in ("layernorm", "rmsnorm"), "transformer.norm must be layernorm or rmsnorm")
+        _check(0 <= self.text_loss_weight <= 1, "transformer.text_loss_weight must be in [0, 1]")
+        _check(0 <= self.caption_drop < 1, "transformer.caption_drop must be in [0, 1)")
+        if self.attention_schedule != "dalle":
+            bad = [t for t in self.layer_types() if t not in ATTENTION_TYPES]
+            _check(not bad, f"transformer.attention_schedule has unknown types {bad}; "
+                            f"use 'dalle' or a comma list of {ATTENTION_TYPES}")
+
+
+@dataclass
+class ClipConfig:
+    """The small contrastive reranker trained on the same shards."""
+
+    dim: int = 256
+    embed_dim: int = 128
+    text_depth: int = 4
+    heads: int = 4
+    image_channels: int = 64
+    # Local OpenAI / open_clip checkpoint to use instead of our own reranker (optional).
+    open_clip_model: str = ""
+    open_clip_checkpoint: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.dim % self.heads == 0, f"clip.dim={self.dim} must be divisible by clip.heads={self.heads}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 4.5e-4
+    beta1: float = 0.9
+    beta2: float = 0.96
+    eps: float = 1e-8
+    weight_decay: float = 4.5e-2
+    grad_clip: float = 4.0  # 0 disables
+    # auto: DeepSpeed's fused Adam where built, else torch's fused/foreach AdamW.
+    # apex is used only when chosen here and installed.
+    impl: str = "auto"  # auto | torch | deepspeed | apex
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optimizer.lr must be > 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2 must be in [0, 1)")
+        _check(self.eps > 0, "optimizer.eps must be > 0")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        _check(self.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)")
+        _check(self.impl in ("auto", "torch", "deepspeed", "apex"),
+               f"optimizer.impl={self.impl!r}: choose auto, torch, deepspeed or apex")
+
+
+@dataclass
+class ScheduleConfig:
+    # warmup_plateau: the paper's stage-2 schedule; cosine: stage 1; constant.
+    kind: str = "warmup_plateau"
+    warmup_steps: int = 5000
+    min_lr: float = 0.0
+    # Halve on plateau of the validation loss, at most `max_decays` times.
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3  # validation evaluations without improvement
+    plateau_threshold: float = 1e-3  # relative improvement that counts
+    max_decays: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("warmup_plateau", "cosine", "constant"),
+               f"schedule.kind={self.kind!r}: choose warmup_plateau, cosine or constant")
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps must be >= 0")
+        _check(0 < self.plateau_factor < 1, "schedule.plateau_factor must be in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage: batch arithmetic, length, optimizer, schedule, averaging."""
+
+    steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    # 0: derived as micro x accumulation x data-parallel ranks; otherwise checked against it.
+    global_batch_size: int = 0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: never
+    eval_batches: int = 4
+    sample_every: int = 0  # 0: never
+    ema_decay: float = 0.99
+    ema_every: int = 25  # the paper's iterate averaging: every 25 updates, on CPU
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps must be >= 1")
+        _check(self.micro_batch_size >= 1, "micro_batch_size must be >= 1")
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
+        _check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
+        _check(self.ema_every >= 1, "ema_every must be >= 1")
+
+    def global_batch(self, world_size: int) -> int:
+        derived = self.micro_batch_size * self.grad_accum_steps * world_size
+        if self.global_batch_size and self.global_batch_size != derived:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} but micro_batch_size x grad_accum_steps x "
+                f"data-parallel ranks = {self.micro_batch_size} x {self.grad_accum_steps} x {world_size} = "
+                f"{derived}; set global_batch_size=0 to derive it or change the others")
+        return derived
+
+
+def _dvae_train_defaults() -> TrainConfig:
+    # Stage 1 (paper): AdamW(0.9, 0.999, 1e-8, wd 1e-4), cosine lr 1e-4 -> 1.25e-6, EMA 0.999.
+    return TrainConfig(
+        steps=3_000_000, micro_batch_size=8, ema_decay=0.999, ema_every=1,
+        optimizer=OptimizerConfig(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip=0.0),
+        schedule=ScheduleConfig(kind="cosine", warmup_steps=0, min_lr=1.25e-6),
+    )
+
+
+def _clip_train_defaults() -> TrainConfig:
+    return TrainConfig(
+        steps=2000, micro_batch_size=64, ema_decay=0.0, ema_every=1,
+        optimizer=OptimizerConfig(lr=5e-4, beta1=0.9, beta2=0.98, eps=1e-6, weight_decay=0.1, grad_clip=1.0),
+        schedule=ScheduleConfig(kind="cosine", warmup_steps=100, min_lr=1e-5),
+    )
+
+
+@dataclass
+class PrecisionConfig:
+    mode: str = "bf16"  # fp32 | bf16 | fp16 | fp16_per_resblock
+    # Per-resblock scaling (paper appendix D); scales are multiplied by the data-parallel ranks M.
+    init_scale_log2: float = 13.0
+    min_scale_log2: float = 7.0
+    max_scale_log2: float = 24.0
+    growth_log2_per_step: float = 1.0 / 1000
+    backoff_window: int = 125
+    # Global loss scale for plain fp16 (DeepSpeed dynamic scaling).
+    fp16_initial_scale_power: int = 16
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("fp32", "bf16", "fp16", "fp16_per_resblock"),
+               f"precision.mode={self.mode!r}: choose fp32, bf16, fp16 or fp16_per_resblock")
+        _check(self.min_scale_log2 <= self.init_scale_log2 <= self.max_scale_log2,
+               "precision: need min_scale_log2 <= init_scale_log2 <= max_scale_log2")
+        _check(self.backoff_window >= 1, "precision.backoff_window must be >= 1")
+
+
+@dataclass
+class PowerSGDConfig:
+    enabled: bool = False
+    # 0: the paper's rank scaled to d_model (896 at d=3968, i.e. about 0.226 * d_model).
+    rank: int = 0
+    seed: int = 0
+    orth_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, "distributed.powersgd.rank must be >= 0 (0 = derived from d_model)")
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    activation_checkpointing: bool = False
+    checkpoint_every_k: int = 1  # checkpoint one resblock in k
+    # 0: taken from the launcher (LOCAL_WORLD_SIZE / SLURM_NTASKS_PER_NODE). Set it to pretend
+    # several "machines" on one host (e.g. 2 with 4 processes = 2 machines x 2 ranks).
+    gpus_per_node: int = 0
+    timeout_s: int = 600  # a dead rank ends the job within this many seconds
+    powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), f"distributed.zero_stage={self.zero_stage}: choose 0, 1, 2 or 3")
+        _check(self.backend in ("auto", "nccl", "gloo"), "distributed.backend must be auto, nccl or gloo")
+        _check(self.checkpoint_every_k >= 1, "distributed.checkpoint_every_k must be >= 1")
+        _check(self.gpus_per_node >= 0, "distributed.gpus_per_node must be >= 0")
+        _check(self.timeout_s >= 1, "distributed.timeout_s must be >= 1")
+        _check(not (self.offload_optimizer and self.zero_stage == 0),
+               "distributed.offload_optimizer needs zero_stage >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every K-th step forever; 0: off
+    resume: str = "latest"  # latest | none | <path to a checkpoint folder>
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "checkpoint.every_steps must be >= 1")
+        _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        _check(self.keep_every >= 0, "checkpoint.keep_every must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megadalle"
+    progress: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 64
+    top: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance_scale: float = 1.0
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 1 and 1 <= self.top <= self.n, "sampling: need n >= 1 and 1 <= top <= n")
+        _check(self.temperature > 0, "sampling.temperature must be > 0")
+        _check(0 < self.top_p <= 1, "sampling.top_p must be in (0, 1]")
+        _check(self.top_k >= 0, "sampling.top_k must be >= 0 (0 disables)")
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dvae: DVAEConfig = field(default_factory=DVAEConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    dvae_train: TrainConfig = field(default_factory=_dvae_train_defaults)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    clip_train: TrainConfig = field(default_factory=_clip_train_defaults)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        t, d = self.transformer, self.dvae
+        _check(t.image_grid == d.grid_size,
+               f"transformer.image_grid={t.image_grid} but the dVAE makes a {d.grid_size}x{d.grid_size} grid "
+               f"(dvae.image_size={d.image_size} / 2^(group_count-1)); make them agree")
+        _check(t.image_vocab_size == d.vocab_size,
+               f"transformer.image_vocab_size={t.image_vocab_size} must equal dvae.vocab_size={d.vocab_size}")
+        _check(t.text_vocab_size == self.tokenizer.vocab_size,
+               f"transformer.text_vocab_size={t.text_vocab_size} must equal tokenizer.vocab_size="
+               f"{self.tokenizer.vocab_size}")
+        _check(t.text_len == self.tokenizer.text_len,
+               f"transformer.text_len={t.text_len} must equal tokenizer.text_len={self.tokenizer.text_len}")
+        _check(self.data.image_size == d.image_size,
+               f"data.image_size={self.data.image_size} must equal dvae.image_size={d.image_size}")
+
+    # ---- serialisation ----
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return _build(cls, d, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_dict(read_yaml(path))
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with dotted overrides applied and everything validated again."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(d, key.replace("__", "."), value, Config)
+        return Config.from_dict(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: nested dicts over the defaults
+# --------------------------------------------------------------------------------------------
+
+
+def _transformer_preset(dim: int, depth: int, heads: int) -> dict[str, Any]:
+    return {"transformer": {"dim": dim, "depth": depth, "heads": heads, "head_dim": dim // heads}}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU demo: 64 px shapes -> 8x8 tokens from a 512-code dVAE, short captions, 4 layers.
+    "tiny": {
+        "data": {"image_size": 64, "shuffle_buffer": 256},
+        "tokenizer": {"vocab_size": 512, "text_len": 32, "min_frequency": 1},
+        "dvae": {"image_size": 64, "n_hid": 32, "n_init": 32, "vocab_size": 512},
+        "transformer": {"dim": 128, "depth": 4, "heads": 4, "head_dim": 32, "text_vocab_size": 512,
+                        "text_len": 32, "image_vocab_size": 512, "image_grid": 8, "conv_kernel": 5,
+                        "block_size": 16},
+        "clip": {"dim": 128, "embed_dim": 64, "text_depth": 2, "heads": 4, "image_channels": 32},
+        "dvae_train": {"steps": 2000, "micro_batch_size": 32, "log_every": 50,
+                       "optimizer": {"lr": 1e-3}},
+        "train": {"steps": 2000, "micro_batch_size": 32, "log_every": 50,
+                  "optimizer": {"lr": 1e-3}, "schedule": {"warmup_steps": 100}},
+        "clip_train": {"steps": 600, "micro_batch_size": 64},
+        "precision": {"mode": "fp32"},
+        "checkpoint": {"every_steps": 500},
+        "sampling": {"n": 16, "top": 4},
+    },
+    # The paper's token geometry (256 text + 32x32 image) at a size a single GPU trains.
+    "small": {**_transformer_preset(512, 12, 8)},
+    # Not given by the paper; GPT-3-like shapes with head size 64 and the 64-layer-style
+    # schedule, sized to the names.
+    "1.3b": {**_transformer_preset(2048, 24, 32)},
+    "2.8b": {**_transformer_preset(2560, 32, 40)},
+    "5.6b": {**_transformer_preset(3072, 48, 48)},
+    # The paper: 64 layers, 62 heads of 64, d_model 3968.
+    "12b": {**_transformer_preset(3968, 64, 62), "precision": {"mode": "fp16_per_resblock"},
+            "distributed": {"zero_stage": 2, "activation_checkpointing": True,
+                            "powersgd": {"enabled": True, "rank": 896}},
+            "train": {"steps": 430_000, "micro_batch_size": 1}},
+}
+# The full-size presets keep the default (paper) geometry: 256 px -> 32x32 tokens from the
+# 8192-code dVAE, 256 text tokens from a 16384-token BPE.
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: defaults <- preset <- file <- CLI
+# --------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def load_config(preset: str | None = None, file: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Resolve a config: defaults, then `preset`, then `file`, then `overrides`.
+
+    `overrides` is a list of "section.key=value" strings (values parsed as YAML) or a dict of
+    dotted keys. A preset named in the file applies unless `preset` is given explicitly.
+    """
+    d = Config().to_dict()
+    file_d = read_yaml(file) if file else {}
+    preset = preset or file_d.get("preset") or ""
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        _merge(d, PRESETS[preset], Config, "")
+        d["preset"] = preset
+    _merge(d, {k: v for k, v in file_d.items() if k != "preset"}, Config, "")
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    for key, value in items:
+        _set_dotted(d, key, value, Config)
+    return Config.from_dict(d)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    s = text[2:] if text.startswith("--") else text
+    if "=" not in s:
+        raise ConfigError(f"override {text!r} must look like --section.key=value")
+    key, raw = s.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any], cls: type, prefix: str) -> None:
+    types = _field_types(cls)
+    for key, value in src.items():
+        name = f"{prefix}{key}"
+        if key not in types:
+            raise ConfigError(f"unknown config key {name!r}; known keys here: {', '.join(types)}")
+        sub = types[key]
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} is a section; give it a mapping, not {value!r}")
+            _merge(dst[key], value, sub, name + ".")
+        else:
+            dst[key] = copy.deepcopy(value)
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    nested: Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    _merge(d, nested, cls, "")
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (inner, *_) = typing.get_args(typ) or (Any,)
+        return type(value)(_coerce(v, inner, name) for v in value) if inner is not Any else value
+    return value
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    types = _field_types(cls)
+    unknown = set(d) - set(types)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + u for u in unknown)}; "
+                          f"known keys here: {', '.join(types)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        typ = types[f.name]
+        name = prefix + f.name
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, d[f.name], name + ".")
+        else:
+            kwargs[f.name] = _coerce(d[f.name], typ, name)
+    return cls(**kwargs)

@@ -1,0 +1,24 @@
+"""Test set-up shared by every test module.
+
+The repository root goes first on sys.path and into PYTHONPATH, so that tests (and the
+processes they launch: deepspeed, torchrun, mpirun, `python -m megadalle`) import the code of
+this checkout, not whichever checkout the virtualenv was installed from.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+# Launched ranks must not each grab every core of a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
