@@ -173,6 +173,8 @@ class TransformerConfig:
     row_window: int = 0  # 0: image_grid + 1
     backend: str = "dense"  # dense | flex | blocksparse
     block_size: int = 64
+    # torch.compile the flex backend (tens of seconds on CPU the first time; eager flex is slow).
+    compile_flex: bool = True
     mlp_ratio: int = 4
     # The paper does not state these. Pre-norm LayerNorm + GELU: the GPT-2/3 choice that the
     # paper's training recipe (lr 4.5e-4, clip 4) was designed around.
@@ -182,6 +184,9 @@ class TransformerConfig:
     text_loss_weight: float = 1.0 / 8
     # Fraction of captions replaced by padding in training (classifier-free guidance); 0 = off.
     caption_drop: float = 0.0
+    # The paper treats the per-position padding tokens as tokens: padded text positions are
+    # predicted (target id 0) and counted in the text loss. False leaves them out of it.
+    predict_padding: bool = True
 
     @property
     def image_len(self) -> int:
@@ -213,6 +218,9 @@ class TransformerConfig:
         _check(self.norm in ("layernorm", "rmsnorm"), "transformer.norm must be layernorm or rmsnorm")
         _check(0 <= self.text_loss_weight <= 1, "transformer.text_loss_weight must be in [0, 1]")
         _check(0 <= self.caption_drop < 1, "transformer.caption_drop must be in [0, 1)")
+        _check(self.row_window >= 0, "transformer.row_window must be >= 0 (0 = image_grid + 1)")
+        _check(self.image_grid >= 1 and self.text_len >= 1,
+               "transformer.image_grid and transformer.text_len must be >= 1")
         if self.attention_schedule != "dalle":
             bad = [t for t in self.layer_types() if t not in ATTENTION_TYPES]
             _check(not bad, f"transformer.attention_schedule has unknown types {bad}; "
