@@ -22,6 +22,7 @@ from megadalle.config import ConfigError, PRESETS, load_config
 
 # name -> (module, one-line help). Add a command here and nowhere else.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("megadalle.tools.convert", "convert checkpoints (openai-dvae, ...)"),
 }
 
 

@@ -117,6 +117,8 @@ class DVAEConfig:
     temperature_start: float = 1.0
     temperature_end: float = 1.0 / 16
     temperature_anneal_fraction: float = 150_000 / 3_000_000
+    # Cosine lr 1e-4 -> dvae_train.schedule.min_lr over the first 1.2M of 3M updates.
+    lr_anneal_fraction: float = 1_200_000 / 3_000_000
     straight_through: bool = False
     # Not in the paper; off by default.
     dead_code_restart: bool = False
@@ -135,6 +137,12 @@ class DVAEConfig:
         _check(0 < self.temperature_end <= self.temperature_start,
                "dvae.temperature_end must be > 0 and <= temperature_start")
         _check(self.n_hid % 4 == 0, f"dvae.n_hid={self.n_hid}: must be divisible by 4 (bottleneck width = n_hid/4)")
+        _check(self.n_init >= 1 and self.n_blk_per_group >= 1 and self.channels >= 1,
+               "dvae.n_init, dvae.n_blk_per_group and dvae.channels must be >= 1")
+        for name in ("kl_warmup_fraction", "temperature_anneal_fraction", "lr_anneal_fraction"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"dvae.{name}={v}: a fraction of dvae_train.steps, must be in [0, 1]")
+        _check(self.kl_weight >= 0, "dvae.kl_weight must be >= 0")
 
 
 # The paper's per-layer schedule: layer i (1-based) is "conv" in the last layer, "column" where
