@@ -40,20 +40,28 @@ def _check(cond: bool, msg: str) -> None:
 class ShapesConfig:
     """The built-in synthetic data set (procedurally rendered shapes with captions)."""
 
-    image_size: int = 64
+    image_size: int = 0  # 0: data.image_size (rendered at the size the models read)
     n_train: int = 20000
     n_val: int = 1000
+    n_heldout: int = 1000
     max_objects: int = 2
+    # Fraction of scenes with two objects (and a relation) when max_objects is 2.
+    two_object_fraction: float = 0.3
     # Fraction of (shape, colour) combinations never shown in training: the compositional
     # held-out set. Chosen deterministically from `seed`.
     heldout_fraction: float = 0.15
     seed: int = 0
+    samples_per_shard: int = 1000
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 16, f"data.shapes.image_size={self.image_size}: use at least 16 pixels")
+        _check(self.image_size == 0 or self.image_size >= 16,
+               f"data.shapes.image_size={self.image_size}: use at least 16 pixels (or 0 for data.image_size)")
         _check(self.max_objects in (1, 2), f"data.shapes.max_objects={self.max_objects}: must be 1 or 2")
+        _check(0.0 <= self.two_object_fraction <= 1.0, "data.shapes.two_object_fraction must be in [0, 1]")
         _check(0.0 <= self.heldout_fraction < 1.0, "data.shapes.heldout_fraction must be in [0, 1)")
-        _check(self.n_train > 0 and self.n_val >= 0, "data.shapes.n_train must be > 0 and n_val >= 0")
+        _check(self.n_train > 0 and self.n_val >= 0 and self.n_heldout >= 0,
+               "data.shapes.n_train must be > 0, n_val and n_heldout >= 0")
+        _check(self.samples_per_shard >= 1, "data.shapes.samples_per_shard must be >= 1")
 
 
 @dataclass
