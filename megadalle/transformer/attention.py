@@ -51,7 +51,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: MaskSet,
             raise ConfigError("transformer.backend=flex: FlexAttention has no backward pass on CPU in "
                               "this torch; train on CPU with transformer.backend=dense (flex works "
                               "on CPU for inference and on GPU for both)")
-        out = _flex(q, k, v, masks.flex_block_mask(q.device, block_size), scale, compile_flex)
+        # On GPU the BlockMask uses flex's own 128 tile, which its kernels are tuned for; on CPU
+        # the configured block size.
+        flex_block = block_size if q.device.type == "cpu" else 128
+        out = _flex(q, k, v, masks.flex_block_mask(q.device, flex_block), scale, compile_flex)
     elif backend == "blocksparse":
         out = _block_sparse()(q.contiguous(), k.contiguous(), v.contiguous(), masks.layout(block_size), scale)
     else:

@@ -189,7 +189,15 @@ class MaskSet:
         return self._flex[key]
 
     def density(self) -> dict[str, float]:
-        return mask_density(self.mask)
+        """Element density: kept pairs over all L*L pairs, over the causal pairs, and over the
+        causal image->image pairs (image queries, keys holding image tokens), where the layer
+        types differ."""
+        T, L = self.geometry.text_len, self.length
+        d = mask_density(self.raster)
+        img = self.raster[T:, T + 1:]  # (image queries, keys holding image tokens)
+        causal_img = torch.ones_like(img).tril(-1)
+        d["image_of_causal"] = float(img.sum()) / max(int(causal_img.sum()), 1)
+        return d
 
 
 @functools.lru_cache(maxsize=64)
@@ -203,6 +211,17 @@ def mask_density(mask: torch.Tensor) -> dict[str, float]:
     S = mask.shape[0]
     kept = int(mask.sum())
     return {"elements": kept, "of_all": kept / (S * S), "of_causal": kept / (S * (S + 1) // 2)}
+
+
+def mask_report(cfg: TransformerConfig, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> dict[str, dict]:
+    """Per layer type of the full stream: element densities and the block density of its layout
+    at each block size (the fraction of block work a block-sparse kernel does)."""
+    g = MaskGeometry.from_config(cfg)
+    report = {}
+    for kind in ATTENTION_TYPES:
+        ms = mask_set(g, kind, g.seq_len)
+        report[kind] = {**ms.density(), "block_density": {bs: ms.layout(bs).block_density for bs in block_sizes}}
+    return report
 
 
 def layout_for(cfg: TransformerConfig, kind: str, block_size: int | None = None) -> BlockLayout:
