@@ -23,6 +23,8 @@ from megadalle.config import ConfigError, PRESETS, load_config
 # name -> (module, one-line help). Add a command here and nowhere else.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megadalle.tools.convert", "convert checkpoints (openai-dvae, ...)"),
+    "data": ("megadalle.data.data_command", "build the shapes data set as shards; check shards for bad input"),
+    "tokenizer": ("megadalle.data.tokenizer_command", "train the caption BPE tokenizer; show encodings"),
 }
 
 

@@ -56,7 +56,16 @@ def augment(img: Image.Image, size: int, recipe: str, rng: np.random.Generator) 
     return img
 
 
+def to_array(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> float32 array [3, H, W] in [0, 1].
+
+    numpy rather than torch: it stays single-threaded inside DataLoader workers, where torch's
+    intra-op thread pool would fight the other workers for the cores.
+    """
+    a = np.asarray(img, dtype=np.float32)  # (H, W, 3)
+    return np.ascontiguousarray(a.transpose(2, 0, 1)) * np.float32(1 / 255)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor [3, H, W] in [0, 1]."""
-    a = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(to_array(img))

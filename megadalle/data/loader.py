@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megadalle.data.augment import RECIPES, augment, to_tensor
+from megadalle.data.augment import RECIPES, augment, to_array
 from megadalle.data.decode import BadSample, decode_caption, decode_codes, decode_image
 from megadalle.data.shards import ReadProblem, Record, ShardError, iter_unit_records, source_units
 
@@ -276,9 +276,9 @@ class _SlotStream:
                 text = decode_caption(rec, conversions)
                 ui = self.unit_index[rec.unit]
                 rng = np.random.default_rng([s.seed, self.epoch, ui, rec.offset, 3])
-                value = to_tensor(augment(img, s.image_size, s.augment, rng))
+                value = to_array(augment(img, s.image_size, s.augment, rng))
             else:
-                value = torch.from_numpy(decode_codes(rec, s.codes_len).astype(np.int64))
+                value = decode_codes(rec, s.codes_len).astype(np.int64)
                 text = decode_caption(rec, conversions)
         except BadSample as e:
             self.stats.skip(rec.unit, e.reason, rec.key, e.detail)
@@ -289,7 +289,7 @@ class _SlotStream:
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         name = "image" if self.spec.kind == "image" else "codes"
         # image: (batch, 3, H, W) float in [0, 1]; codes: (batch, grid*grid) long
-        return {name: torch.stack([x["value"] for x in samples]),
+        return {name: torch.from_numpy(np.stack([x["value"] for x in samples])),
                 "caption": [x["caption"] for x in samples], "key": [x["key"] for x in samples]}
 
     def batches(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
