@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megadalle.tools.convert", "convert checkpoints (openai-dvae, ...)"),
     "data": ("megadalle.data.data_command", "build the shapes data set as shards; check shards for bad input"),
     "tokenizer": ("megadalle.data.tokenizer_command", "train the caption BPE tokenizer; show encodings"),
+    "plan": ("megadalle.distributed.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
 }
 
 

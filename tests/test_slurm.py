@@ -1,0 +1,155 @@
+"""The sbatch scripts: syntax, consistent counts, the right entry points, and the requeue
+protocol run for real against stand-ins for srun/scontrol/squeue (tests/fake_slurm), with the
+ranks talking over gloo as two "nodes" (localhost and 127.0.0.1) on this machine."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megadalle.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "slurm"
+FAKE = Path(__file__).resolve().parent / "fake_slurm"
+SCRIPTS = {"dvae_1node.sbatch": "train-dvae", "dvae_multinode.sbatch": "train-dvae",
+           "dalle_1node.sbatch": "train", "dalle_multinode.sbatch": "train"}
+
+
+def sbatch_options(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+
+
+def script_vars(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Z_]+)=(\S+)$", text, re.M))
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, "common.sh", "env.sh"])
+def test_scripts_parse(name):
+    r = subprocess.run(["bash", "-n", str(SLURM / name)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name, command", SCRIPTS.items())
+def test_counts_and_entry_points_are_consistent(name, command):
+    text = (SLURM / name).read_text()
+    opts, v = sbatch_options(text), script_vars(text)
+    assert v["COMMAND"] == command
+    assert opts["nodes"] == v["NODES"]
+    assert opts["ntasks-per-node"] == opts["gpus-per-node"] == v["GPUS_PER_NODE"]  # one rank per GPU
+    assert ("1node" in name) == (v["NODES"] == "1")
+    m = re.fullmatch(r"B:USR1@(\d+)", opts["signal"])
+    assert m and int(m.group(1)) >= 60  # enough time to write a checkpoint
+    assert "requeue" in opts
+    assert text.rstrip().endswith('/slurm/common.sh"')
+
+
+def _env(tmp_path, **extra) -> dict[str, str]:
+    log = tmp_path / "slurm.log"
+    log.touch()
+    return {**os.environ, "PATH": f"{FAKE}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_SLURM_LOG": str(log), "SLURM_JOB_ID": "777", "SLURM_SUBMIT_DIR": str(tmp_path),
+            "MEGADALLE_ROOT": str(ROOT), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+            **{k: str(v) for k, v in extra.items()}}
+
+
+@pytest.mark.parametrize("name, command", SCRIPTS.items())
+def test_scripts_launch_the_right_command_with_their_counts(tmp_path, name, command):
+    text = (SLURM / name).read_text()
+    v = script_vars(text)
+    nodes, gpus = int(v["NODES"]), int(v["GPUS_PER_NODE"])
+    hosts = ",".join(f"gpu{i:03d}" for i in range(1, nodes + 1))
+    env = _env(tmp_path, FAKE_SRUN_RECORD_ONLY=1, SLURM_JOB_NODELIST=hosts, SLURM_JOB_NUM_NODES=nodes)
+    r = subprocess.run(["bash", str(SLURM / name), "--preset", "tiny"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "slurm.log").read_text()
+    assert (f"srun nodes={nodes} ntasks-per-node={gpus} kill-on-bad-exit=0 "
+            f"cmd={sys.executable} -u -m megadalle {command} --preset tiny") in log
+    hostfile = (tmp_path / "runs/slurm/777/hostfile").read_text().splitlines()
+    assert hostfile[0] == f"gpu001 slots={gpus}" and len(hostfile) == nodes
+
+
+@pytest.mark.parametrize("command", sorted(set(SCRIPTS.values())))
+def test_entry_points_exist(command):
+    if command not in COMMANDS:
+        pytest.skip(f"`megadalle {command}` is not registered yet (training system)")
+    r = subprocess.run([sys.executable, "-m", "megadalle", command, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _two_node_job(tmp_path, script_args=(), **extra) -> tuple[subprocess.Popen, Path]:
+    """A 2-node x 1-GPU job script sourcing the real slurm/common.sh, running the smoke program."""
+    job = tmp_path / "job.sbatch"
+    job.write_text('#!/bin/bash\nNODES=2\nGPUS_PER_NODE=1\nCOMMAND=train\n'
+                   'source "$MEGADALLE_ROOT/slurm/common.sh"\n')
+    out = tmp_path / "ranks"
+    program = f"{sys.executable} -m megadalle.distributed.smoke --backend gloo --steps 100000 --sleep 0.05 " \
+              f"--timeout 20 --out {out}"
+    env = _env(tmp_path, **{"SLURM_JOB_NODELIST": "localhost,127.0.0.1", "SLURM_JOB_NUM_NODES": 2,
+                            "MEGADALLE_PROGRAM": program, **extra})
+    p = subprocess.Popen(["bash", str(job), *script_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    return p, out
+
+
+def _progress(out: Path, ranks: int = 2) -> int:
+    steps = [int((out / f"progress-{r}").read_text() or 0) if (out / f"progress-{r}").exists() else 0
+             for r in range(ranks)]
+    return min(steps)
+
+
+@pytest.mark.slow
+def test_usr1_before_time_limit_saves_stops_and_requeues(tmp_path):
+    p, out = _two_node_job(tmp_path)
+    deadline = time.monotonic() + 90
+    while _progress(out) < 3 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert p.poll() is None, p.communicate()[1][-2000:]
+    p.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` delivers to the batch shell
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "requeueing job 777" in stdout and "got SIGUSR1" in stderr
+    assert "requeue 777" in (tmp_path / "slurm.log").read_text()
+    reports = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    # Two "nodes", ranks from the SLURM variables, both stopped after the same step.
+    assert [(r["launcher"], r["node_rank"], r["num_nodes"]) for r in reports] == [("srun", 0, 2), ("srun", 1, 2)]
+    assert reports[0]["steps"] == reports[1]["steps"] and all(r["stopped"] for r in reports)
+    assert reports[0]["master_addr"] == "localhost"
+
+
+@pytest.mark.slow
+def test_deadline_stops_without_a_signal_and_requeue_is_capped(tmp_path):
+    # The job ends in 100 s and STOP_MARGIN_S=120: every rank is past its deadline at once.
+    p, out = _two_node_job(tmp_path, FAKE_END_IN_S=100, SLURM_RESTART_COUNT=3, MAX_REQUEUES=3)
+    stdout, stderr = p.communicate(timeout=90)
+    assert p.returncode == 75, stderr[-2000:]
+    assert "already requeued 3 times; giving up" in stderr
+    assert "requeue" not in (tmp_path / "slurm.log").read_text()
+    assert "deadline" in json.loads((out / "rank-0.json").read_text())["reason"]
+
+
+@pytest.mark.parametrize("extra, code, message", [
+    ({"SLURM_JOB_NUM_NODES": 3}, 2, "holds 3 node(s) but the script says NODES=2"),
+    ({"SLURM_JOB_NODELIST": "localhost,localhost"}, 2, "listed twice"),
+    ({"LAUNCHER": "mpirun"}, 2, "choose srun or deepspeed"),
+    ({"MEGADALLE_PROGRAM": "false"}, 1, "failed with exit code 1; not requeueing"),
+])
+def test_job_script_errors(tmp_path, extra, code, message):
+    p, _ = _two_node_job(tmp_path, **extra)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == code and message in stderr, stderr[-2000:]
+    assert "requeue" not in (tmp_path / "slurm.log").read_text()
+
+
+def test_outside_a_job_the_script_refuses(tmp_path):
+    env = _env(tmp_path)
+    env.pop("SLURM_JOB_ID")
+    r = subprocess.run(["bash", str(SLURM / "dalle_1node.sbatch")], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "not inside a SLURM job" in r.stderr
