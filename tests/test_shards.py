@@ -105,6 +105,10 @@ def test_truncated_and_corrupt_tar_are_reported_and_earlier_samples_kept(tmp_pat
     got = list(iter_tar_records(tmp_path / "corrupt.tar"))
     assert [r.key for r in got if isinstance(r, Record)] == ["k0", "k1", "k2"]
     assert got[-1].reason == "corrupt_tar"
+    # Cut exactly between two samples (no end-of-archive marker): still reported.
+    (tmp_path / "cut_between.tar").write_bytes(full[:recs[2].offset])
+    got = list(iter_tar_records(tmp_path / "cut_between.tar"))
+    assert [r.key for r in got if isinstance(r, Record)] == ["k0", "k1"] and got[-1].reason == "truncated_tar"
     # Missing file.
     (p,) = list(iter_tar_records(tmp_path / "nope.tar"))
     assert p.reason == "unreadable_shard"

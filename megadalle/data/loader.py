@@ -319,8 +319,9 @@ class _SlotStream:
                 yield self._collate(pending), self.state()
                 pending = []
         self.done = True
-        if pending and not self.spec.drop_last:
-            yield self._collate(pending), self.state()
+        # One last item always: the state holds the counts of whatever came after the last
+        # full batch (bad samples, a truncated shard), which would otherwise never be reported.
+        yield (self._collate(pending) if pending and not self.spec.drop_last else None), self.state()
 
 
 class _StreamDataset(IterableDataset):
@@ -369,7 +370,8 @@ class ResumableLoader:
         for batch, logical, state in items:
             self._states[logical] = state
             self._next = (logical + 1) % self._slots
-            yield batch
+            if batch is not None:
+                yield batch
         if not self.spec.endless:
             self._finish_pass()
 

@@ -88,7 +88,10 @@ def _octal(field: bytes) -> int:
 
 
 def _header_ok(block: bytes) -> bool:
-    stored = _octal(block[148:156])
+    try:
+        stored = _octal(block[148:156])
+    except ValueError:
+        return False
     computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
     return stored == computed
 
@@ -114,7 +117,10 @@ def iter_tar_members(f, start: int = 0) -> Iterator[tuple[int, str, bytes, int]]
     while True:
         block = f.read(_BLOCK)
         if len(block) == 0:
-            return  # EOF without end-of-archive blocks: tolerated (still a clean boundary)
+            # Writers end an archive with zero blocks; a file that stops between members was cut
+            # there, and whatever followed is lost: report it.
+            raise _TarBroken("truncated_tar", f"archive ends at byte {pos} without its end-of-archive marker; "
+                                              f"later samples are missing")
         if len(block) < _BLOCK:
             raise _TarBroken("truncated_tar", f"header cut short at byte {pos}")
         if block == b"\0" * _BLOCK:
@@ -123,7 +129,10 @@ def iter_tar_members(f, start: int = 0) -> Iterator[tuple[int, str, bytes, int]]
             raise _TarBroken("corrupt_tar", f"bad header checksum at byte {pos}")
         if long_name is None:
             member_start = pos
-        size = _octal(block[124:136])
+        try:
+            size = _octal(block[124:136])
+        except ValueError:
+            raise _TarBroken("corrupt_tar", f"unreadable member size at byte {pos}") from None
         kind = block[156:157]
         name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if block[257:262] == b"ustar" else ""
