@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("megadalle.data.data_command", "build the shapes data set as shards; check shards for bad input"),
     "tokenizer": ("megadalle.data.tokenizer_command", "train the caption BPE tokenizer; show encodings"),
     "plan": ("megadalle.distributed.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
+    "sample": ("megadalle.generate.sample_command", "generate images for captions, rerank, write a grid and JSON"),
+    "eval": ("megadalle.eval.eval_command", "sample a caption set and score it (shapes accuracy, CLIP score, FID/IS)"),
 }
 
 

@@ -255,9 +255,19 @@ class ClipConfig:
     # Local OpenAI / open_clip checkpoint to use instead of our own reranker (optional).
     open_clip_model: str = ""
     open_clip_checkpoint: str = ""
+    # Training augmentation: "none" by default because flips and off-centre crops contradict
+    # captions that say where things are ("on the left").
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.dim % self.heads == 0, f"clip.dim={self.dim} must be divisible by clip.heads={self.heads}")
+        _check(self.embed_dim >= 1 and self.text_depth >= 1 and self.image_channels >= 1,
+               "clip.embed_dim, clip.text_depth and clip.image_channels must be >= 1")
+        _check(self.augment in ("stage1", "stage2", "none"),
+               f"clip.augment={self.augment!r}: choose none, stage2 or stage1")
+        _check(bool(self.open_clip_model) == bool(self.open_clip_checkpoint),
+               "clip.open_clip_model and clip.open_clip_checkpoint go together: set both (e.g. ViT-B-32 and "
+               "the path of its weights file) or neither")
 
 
 @dataclass

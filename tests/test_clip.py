@@ -56,7 +56,7 @@ def test_model_shapes_and_padding():
     m = _model()
     images = torch.rand(3, 3, 16, 16)
     text = torch.tensor([[5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
-    img, txt = m(images, text)
+    img, txt = m.embed(images, text)
     assert img.shape == txt.shape == (3, 16)
     assert torch.allclose(img.norm(dim=-1), torch.ones(3)) and torch.isfinite(txt).all()
     # A row's embedding does not depend on the other rows of the batch (padding is masked).
