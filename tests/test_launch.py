@@ -75,7 +75,8 @@ def test_torchrun_and_deepspeed_rendezvous():
     d = discover(deepspeed_env(15, 7, 1))
     assert (d.rank, d.local_rank, d.local_world_size, d.node_rank, d.num_nodes) == (15, 7, 8, 1, 2)
     assert d.torch_env() == {"RANK": "15", "WORLD_SIZE": "16", "LOCAL_RANK": "7", "LOCAL_WORLD_SIZE": "8",
-                             "MASTER_ADDR": "gpu001", "MASTER_PORT": "29500"}
+                             "MASTER_ADDR": "gpu001", "MASTER_PORT": "29500", "NODE_RANK": "1", "NUM_NODES": "2",
+                             "MEGADALLE_LAUNCHER": "deepspeed"}
 
 
 def test_srun_master_is_first_host_and_port_from_job_id():
@@ -108,9 +109,11 @@ def test_rendezvous_exports_the_torch_variables():
     env: dict[str, str] = {}
     d.export(env)
     assert env["RANK"] == "9" and env["WORLD_SIZE"] == "16" and env["MASTER_ADDR"] == "gpu001"
-    # What torchrun would see after the export is the same process.
-    again = discover({**env, "SLURM_STEP_ID": "0", "SLURM_PROCID": "9", "SLURM_NTASKS": "16"})
-    assert (again.rank, again.world_size, again.local_rank, again.master_addr) == (9, 16, 1, "gpu001")
+    # Discovery after the export (inside the same srun step) finds the same process.
+    assert discover({**srun_env(9, 1, 1), **env}) == d
+    # ... and a stale export in a different step is caught.
+    with pytest.raises(LaunchError, match="SLURM runs 8 task"):
+        discover({**srun_env(1, 1, 0, ntasks=8, tasks_per_node="8"), **env})
 
 
 @pytest.mark.parametrize("env, match", [

@@ -44,30 +44,27 @@ def reports(out: Path, world: int) -> list[dict]:
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
 
 
-def test_mpirun_np2_discovers_ranks_and_runs_collectives(tmp_path):
+def test_mpirun_np2_discovery_and_mpi4py_rendezvous():
+    """One host: every rank derives the same port from the job id without talking. Then the
+    several-hosts path, forced by blanking the master: rank 0's address and port reach every rank
+    through mpi4py, and the gloo group they form all-reduces."""
     need_mpi()
-    r = mpirun(2, sys.executable, "-m", "megadalle.distributed.smoke", "--backend", "gloo", "--steps", "3",
-               "--out", str(tmp_path))
-    assert r.returncode == 0, r.stderr[-3000:]
-    rep = reports(tmp_path, 2)
-    assert [(x["rank"], x["local_rank"], x["launcher"]) for x in rep] == [(0, 0, "mpirun"), (1, 1, "mpirun")]
-    assert {x["allreduce_sum"] for x in rep} == {3.0} and rep[0]["master_port"] == rep[1]["master_port"]
-
-
-def test_mpirun_rendezvous_through_mpi4py(tmp_path):
-    """The several-hosts path: no MASTER_ADDR, rank 0's address and port reach every rank by MPI."""
-    need_mpi()
-    script = ("import dataclasses, torch, torch.distributed as dist\n"
+    script = ("import dataclasses, json, torch, torch.distributed as dist\n"
               "from megadalle.distributed.launch import discover, init_process_group\n"
-              "d = init_process_group('gloo', 60, dataclasses.replace(discover(), master_addr='', master_port=0))\n"
+              "d0 = discover()\n"
+              "d = init_process_group('gloo', 60, dataclasses.replace(d0, master_addr='', master_port=0))\n"
               "x = torch.ones(1) * (d.rank + 1); dist.all_reduce(x)\n"
-              "print('RESULT', d.rank, d.master_addr, d.master_port, float(x), flush=True)\n"
+              "print('RESULT', json.dumps([dataclasses.asdict(d0), dataclasses.asdict(d), float(x)]), flush=True)\n"
               "dist.destroy_process_group()\n")
     r = mpirun(2, sys.executable, "-c", script)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("RESULT"))
-    assert len(lines) == 2 and lines[0][1:] == lines[1][1:] and lines[0][3] == "3.0"
-    assert lines[0][1] == socket.gethostname()
+    rows = sorted((json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT")),
+                  key=lambda row: row[0]["rank"])
+    assert [(d0["rank"], d0["local_rank"], d0["launcher"], d0["master_addr"]) for d0, _, _ in rows] == [
+        (0, 0, "mpirun", "127.0.0.1"), (1, 1, "mpirun", "127.0.0.1")]
+    assert rows[0][0]["master_port"] == rows[1][0]["master_port"]
+    assert rows[0][1]["master_addr"] == rows[1][1]["master_addr"] == socket.gethostname()
+    assert rows[0][1]["master_port"] == rows[1][1]["master_port"] and {row[2] for row in rows} == {3.0}
 
 
 def test_mpirun_np2_trains_the_tiny_preset(tmp_path):

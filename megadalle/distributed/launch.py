@@ -80,6 +80,8 @@ class DistEnv:
             "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
             "LOCAL_RANK": str(self.local_rank), "LOCAL_WORLD_SIZE": str(self.local_world_size),
             "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port),
+            # So that discover() after an export still names the launcher and the node layout.
+            "NODE_RANK": str(self.node_rank), "NUM_NODES": str(self.num_nodes), "MEGADALLE_LAUNCHER": self.launcher,
         }
 
     def export(self, environ: dict[str, str] | None = None) -> None:
@@ -227,6 +229,8 @@ def _from_torch_vars(env: Mapping[str, str]) -> DistEnv:
         launcher, local_key, node_key, nodes_key = "deepspeed", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE"
     else:
         launcher, local_key, node_key, nodes_key = "env", "LOCAL_WORLD_SIZE", "NODE_RANK", "NUM_NODES"
+        if env.get("MEGADALLE_LAUNCHER") in ("srun", "mpirun"):  # written by DistEnv.export()
+            launcher = env["MEGADALLE_LAUNCHER"]
     rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
     local_world = _int(env, local_key, _int(env, "LOCAL_WORLD_SIZE", world))
     local_rank = _int(env, "LOCAL_RANK", rank % local_world if local_world else 0)
@@ -280,7 +284,7 @@ def _in_slurm_step(env: Mapping[str, str]) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _check(d: DistEnv, env: Mapping[str, str]) -> None:
+def _check(d: DistEnv, env: Mapping[str, str], need_master: bool = True) -> None:
     src = {"torchrun": "RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE", "deepspeed": "RANK/WORLD_SIZE/LOCAL_SIZE",
            "env": "RANK/WORLD_SIZE/LOCAL_RANK", "mpirun": "OMPI_COMM_WORLD_*",
            "srun": "SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID"}[d.launcher]
@@ -290,7 +294,7 @@ def _check(d: DistEnv, env: Mapping[str, str]) -> None:
             raise LaunchError(f"{d.launcher} environment ({src}): {msg}")
 
     # The launcher's view against SLURM's first (inside a job step): it names the real cause.
-    if _in_slurm_step(env) and d.launcher in ("env", "mpirun"):
+    if _in_slurm_step(env) and d.launcher in ("env", "mpirun", "srun"):  # not per-node agents
         slurm_world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS"))
         if slurm_world is not None and slurm_world != d.world_size:
             raise LaunchError(
@@ -299,7 +303,7 @@ def _check(d: DistEnv, env: Mapping[str, str]) -> None:
                 f"unset RANK/WORLD_SIZE/LOCAL_RANK so that megadalle reads SLURM's own, or run srun --ntasks="
                 f"{d.world_size}")
         slurm_rank = _int(env, "SLURM_PROCID")
-        if d.launcher == "env" and slurm_rank != d.rank:
+        if d.launcher in ("env", "srun") and slurm_rank != d.rank:
             raise LaunchError(f"RANK={d.rank} but SLURM_PROCID={slurm_rank}: every srun task got the same "
                               f"exported RANK; unset RANK/WORLD_SIZE/LOCAL_RANK before srun")
     need(d.world_size >= 1, f"world size {d.world_size} must be >= 1")
@@ -315,7 +319,7 @@ def _check(d: DistEnv, env: Mapping[str, str]) -> None:
         need(d.rank == d.node_rank * d.local_world_size + d.local_rank,
              f"rank {d.rank} is not node {d.node_rank} x {d.local_world_size} + local rank {d.local_rank}: ranks "
              f"must be numbered node by node (mpirun: --map-by slot; srun: --distribution=block)")
-    if d.world_size > 1:
+    if d.world_size > 1 and need_master:
         need(bool(d.master_addr) and d.master_port > 0,
              "no rendezvous address: set MASTER_ADDR and MASTER_PORT (the first node's host name and a free port)")
 
@@ -350,10 +354,8 @@ def discover(env: dict[str, str] | None = None) -> DistEnv:
                     master_port=d.master_port or (port_from_job(job) if job else DEFAULT_MASTER_PORT))
     elif not d.master_port and d.master_addr:
         d = replace(d, master_port=DEFAULT_MASTER_PORT)
-    if d.launcher == "mpirun" and not d.master_addr:
-        _check(replace(d, master_addr="(mpi4py)", master_port=1), env)  # everything but the rendezvous
-        return d
-    _check(d, env)
+    # mpirun across hosts: rendezvous() asks rank 0 through mpi4py, collectively, later.
+    _check(d, env, need_master=not (d.launcher == "mpirun" and not d.master_addr))
     return d
 
 
