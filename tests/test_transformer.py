@@ -170,3 +170,28 @@ def test_bad_inputs_raise_clear_errors():
         m(text, torch.zeros(2, cfg.image_len + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="text"):
         m(text[:1], codes)
+
+
+@pytest.mark.parametrize("activation,norm", [("relu", "layernorm"), ("swiglu", "rmsnorm")])
+def test_other_activations_and_norms_train(activation, norm):
+    cfg = _cfg(**{"transformer.activation": activation, "transformer.norm": norm})
+    m = DALLETransformer(cfg)
+    text, codes = _batch(cfg)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    losses = []
+    for _ in range(3):
+        loss = m.loss(text, codes)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_initialisation_gains_and_biases():
+    m = DALLETransformer(_cfg())
+    block = m.resblocks[0]
+    assert torch.equal(block.norm.weight, torch.ones_like(block.norm.weight))
+    assert torch.equal(block.qkv.bias, torch.zeros_like(block.qkv.bias))
+    # Residual-writing projections start smaller than the others (depth-scaled init).
+    assert block.proj.weight.std() < block.qkv.weight.std()

@@ -136,8 +136,10 @@ class DALLETransformer(nn.Module):
         # with depth.
         out_std = 0.02 / math.sqrt(len(self.resblocks))
         for name, p in self.named_parameters():
-            if name.endswith("bias") or (p.dim() == 1 and "norm" in name):
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:  # LayerNorm / RMSNorm gains
+                nn.init.ones_(p)
             elif name.endswith(("proj.weight", "fc_out.weight")):
                 nn.init.normal_(p, std=out_std)
             else:
@@ -207,9 +209,13 @@ class DALLETransformer(nn.Module):
         if not 1 <= codes.shape[1] <= c.image_len:
             raise ValueError(f"codes must hold 1 .. {c.image_len} image tokens, got {codes.shape[1]}")
         if text.device.type != "meta":
-            if text.numel() and not (0 <= int(text.min()) and int(text.max()) < c.text_vocab_size):
+            # One host sync for both checks; an out-of-range id would otherwise be an opaque
+            # device-side assert on GPU.
+            bad = torch.stack([((text < 0) | (text >= c.text_vocab_size)).any(),
+                               ((codes < 0) | (codes >= c.image_vocab_size)).any()]).tolist()
+            if bad[0]:
                 raise ValueError(f"text ids must be in [0, {c.text_vocab_size})")
-            if not (0 <= int(codes.min()) and int(codes.max()) < c.image_vocab_size):
+            if bad[1]:
                 raise ValueError(f"image codes must be in [0, {c.image_vocab_size})")
 
     @property
