@@ -17,8 +17,23 @@ Sequences whose length is not a multiple of block_size are padded with masked-ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class LayoutArrays(NamedTuple):
+    """The layout's arrays on one device, plus the transposed (CSC) copy used by backward passes:
+    key block j is kept by query blocks t_row_idx[t_col_ptr[j]:t_col_ptr[j+1]] (ascending), whose
+    element masks are block_masks[t_partial_idx[...]] (still indexed [query row, key col])."""
+
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    partial_idx: torch.Tensor
+    block_masks: torch.Tensor
+    t_col_ptr: torch.Tensor
+    t_row_idx: torch.Tensor
+    t_partial_idx: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -109,3 +124,56 @@ class BlockLayout:
             raise ValueError(f"layout.block_masks must be bool (n, {self.block_size}, {self.block_size})")
         if pi.numel() and (int(pi.max()) >= bm.shape[0] or int(pi.min()) < -1):
             raise ValueError(f"layout.partial_idx values must be -1 or in [0, {bm.shape[0]})")
+
+    # ---- derived arrays, computed once per layout (the dataclass is frozen; the cache is not a field)
+
+    def _cache(self) -> dict:
+        cache = self.__dict__.get("_derived")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_derived", cache)
+        return cache
+
+    def validate_once(self) -> None:
+        """validate(), remembered: kernels call this on every use of a layout."""
+        cache = self._cache()
+        if not cache.get("valid"):
+            self.validate()
+            cache["valid"] = True
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t_col_ptr, t_row_idx, t_partial_idx): the CSC of the kept blocks, on the CPU."""
+        cache = self._cache()
+        if "transposed" not in cache:
+            nb = self.n_blocks
+            rows = torch.repeat_interleave(torch.arange(nb, dtype=torch.int64),
+                                           (self.row_ptr[1:] - self.row_ptr[:-1]).long())
+            cols = self.col_idx.long()
+            # Stable sort by column keeps the query blocks of each column ascending.
+            order = torch.sort(cols * nb + rows).indices
+            counts = torch.bincount(cols, minlength=nb)
+            col_ptr = torch.zeros(nb + 1, dtype=torch.int32)
+            col_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+            cache["transposed"] = (col_ptr, rows[order].to(torch.int32).contiguous(),
+                                   self.partial_idx[order].contiguous())
+        return cache["transposed"]
+
+    def arrays(self, device: torch.device | str = "cpu") -> LayoutArrays:
+        """All index arrays (and the transposed copy) on `device`, copied there once."""
+        device = torch.device(device)
+        key = ("arrays", device.type, device.index)
+        cache = self._cache()
+        if key not in cache:
+            t = self.transposed()
+            cache[key] = LayoutArrays(*(a.to(device).contiguous() for a in
+                                        (self.row_ptr, self.col_idx, self.partial_idx, self.block_masks, *t)))
+        return cache[key]
+
+    def dense_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """to_dense_mask() on `device`, computed once."""
+        device = torch.device(device)
+        key = ("dense", device.type, device.index)
+        cache = self._cache()
+        if key not in cache:
+            cache[key] = self.to_dense_mask().to(device)
+        return cache[key]
