@@ -403,6 +403,8 @@ class DistributedConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     activation_checkpointing: bool = False
     checkpoint_every_k: int = 1  # checkpoint one resblock in k
+    # Recompute with torch.utils.checkpoint (non-reentrant) or deepspeed.checkpointing.
+    checkpoint_impl: str = "torch"  # torch | deepspeed
     # 0: taken from the launcher (LOCAL_WORLD_SIZE / SLURM_NTASKS_PER_NODE). Set it to pretend
     # several "machines" on one host (e.g. 2 with 4 processes = 2 machines x 2 ranks).
     gpus_per_node: int = 0
@@ -413,6 +415,8 @@ class DistributedConfig:
         _check(self.zero_stage in (0, 1, 2, 3), f"distributed.zero_stage={self.zero_stage}: choose 0, 1, 2 or 3")
         _check(self.backend in ("auto", "nccl", "gloo"), "distributed.backend must be auto, nccl or gloo")
         _check(self.checkpoint_every_k >= 1, "distributed.checkpoint_every_k must be >= 1")
+        _check(self.checkpoint_impl in ("torch", "deepspeed"),
+               f"distributed.checkpoint_impl={self.checkpoint_impl!r}: choose torch or deepspeed")
         _check(self.gpus_per_node >= 0, "distributed.gpus_per_node must be >= 0")
         _check(self.timeout_s >= 1, "distributed.timeout_s must be >= 1")
         _check(not (self.offload_optimizer and self.zero_stage == 0),

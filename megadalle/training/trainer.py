@@ -1,0 +1,417 @@
+"""Trainer base: one training loop on DeepSpeed for every stage (dVAE, transformer, reranker).
+
+Construction: `Trainer(cfg, section="train", stage="transformer")` picks which `TrainConfig`
+(`dvae_train`, `train`, `clip_train`) drives the loop and the sub-folder of `logging.run_dir` that
+receives `checkpoints/`, `tb/`, `samples/`, `metrics.jsonl` and the EMA export.
+
+Subclasses override:
+
+    build_model() -> nn.Module               the plain model (built with the same seed on every rank)
+    build_data() -> loader                   an iterable of batches with state_dict()/load_state_dict()
+                                             that resumes exactly where it stopped (per rank)
+    build_val_data() -> iterable | None      validation batches (restarted at every evaluation)
+    compute_loss(model, batch) -> (loss, metrics)
+                                             `model` is the DeepSpeed engine: call `model(...)` (its
+                                             forward) so that ZeRO-3 gathers parameters; metrics is a
+                                             dict of floats or 0-d tensors (e.g. text_loss, image_loss)
+    evaluate() -> dict                       default: mean compute_loss over `eval_batches` val batches
+    write_samples(step) -> list[Path]        sample grids from the EMA weights (`self.ema_model()`)
+    tokens_in_batch(batch) -> int            for tokens/s (default: 0, not logged)
+    train_flops(batch) -> float | None       forward+backward FLOPs of a batch, for MFU
+    extra_state() / load_extra_state(d)      anything else a checkpoint must carry
+    export_name / export_config()            the EMA export: <stage>/<export_name>.safetensors + .yaml
+    model_sections                           config sections that define the model (checked on resume)
+
+The loop (`train()`), per step: `grad_accum_steps` micro-batches of forward + `engine.backward`,
+then the optional `gradient_hook.after_backward(model) -> bool` (contract in docs/DESIGN.md; False
+on any rank skips the step everywhere: parameters, optimizer moments, LR schedule and EMA
+untouched), then `engine.step()` with the lr of the schedule. After the step: metrics every
+`log_every` steps (loss per modality, lr, grad norm, tokens/s, MFU, peak memory, skipped steps),
+evaluation every `eval_every` steps (feeding the plateau schedule), EMA every `ema_every` applied
+updates, samples every `sample_every` steps, checkpoints every `checkpoint.every_steps` steps and
+at the end. A run resumes from the latest checkpoint of its folder by default
+(`checkpoint.resume`), restoring model, optimizer, schedule, EMA, data position and every rank's
+RNG states, so that on CPU the resumed run's losses equal an uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from megadalle.config import Config, ConfigError, TrainConfig
+from megadalle.distributed import engine as dist
+from megadalle.training.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from megadalle.training.ema import EMA
+from megadalle.training.metrics import Metrics
+from megadalle.training.schedules import LRSchedule
+
+
+@dataclass
+class TrainSummary:
+    steps_run: int = 0
+    final_step: int = 0
+    resumed_from: str = ""
+    skipped_steps: int = 0
+    last_loss: float = math.nan
+    last_val_loss: float = math.nan
+    written: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        lines = [f"trained to step {self.final_step} ({self.steps_run} steps this run"
+                 + (f", resumed from {self.resumed_from}" if self.resumed_from else "")
+                 + f", {self.skipped_steps} skipped); last loss {self.last_loss:.4f}"
+                 + ("" if math.isnan(self.last_val_loss) else f", last val loss {self.last_val_loss:.4f}")]
+        lines += [f"  {what}: {where}" for what, where in self.written.items()]
+        return "\n".join(lines)
+
+
+def _scalar(v: Any) -> float:
+    return float(v.detach().float().item()) if torch.is_tensor(v) else float(v)
+
+
+class Trainer:
+    model_sections: tuple[str, ...] = ()
+    export_name: str = "model"
+
+    def __init__(self, cfg: Config, section: str = "train", stage: str = "model",
+                 deepspeed_config: str | dict | None = None, gradient_hook: Any = None) -> None:
+        if section not in ("train", "dvae_train", "clip_train"):
+            raise ConfigError(f"unknown training section {section!r}; use train, dvae_train or clip_train")
+        self.cfg = cfg
+        self.section = section
+        self.tcfg: TrainConfig = getattr(cfg, section)
+        self.stage = stage
+        self.folder = Path(cfg.logging.run_dir) / stage
+        self.deepspeed_config = deepspeed_config
+        self.gradient_hook = gradient_hook
+        self.step = 0  # completed loop steps (applied or skipped)
+        self.updates = 0  # applied optimizer updates
+        self.skipped = 0
+        self.engine: Any = None
+        self._set_up = False
+
+    # ------------------------------------------------------------------ hooks
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_data(self) -> Any:
+        raise NotImplementedError
+
+    def build_val_data(self) -> Iterable | None:
+        return None
+
+    def compute_loss(self, model: Any, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def write_samples(self, step: int) -> list[Path]:
+        return []
+
+    def tokens_in_batch(self, batch: Any) -> int:
+        return 0
+
+    def train_flops(self, batch: Any) -> float | None:
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export_config(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in self.val_data:
+            if n >= self.tcfg.eval_batches:
+                break
+            loss, metrics = self.compute_loss(self.engine, batch)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + _scalar(v)
+            n += 1
+        self.engine.train()
+        # Ranks with fewer val batches still take part with zeros, weighted by their count.
+        gathered = dist.all_gather_object((n, sums))
+        total = sum(c for c, _ in gathered)
+        if total == 0:
+            return {}
+        keys = sorted({k for _, s in gathered for k in s})
+        return {f"val_{k}": sum(s.get(k, 0.0) for _, s in gathered) / total for k in keys}
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self) -> None:
+        if self._set_up:
+            return
+        env = dist.init_distributed(self.cfg.distributed)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.local_rank = env.local_rank
+        self.global_batch = self.tcfg.global_batch(self.world)
+        # Same init on every rank (ZeRO-3 partitions what each rank built), then per-rank streams.
+        self._seed(self.tcfg.seed)
+        model = self.build_model()
+        self.model = model
+        if self.cfg.distributed.activation_checkpointing:
+            dist.install_activation_checkpointing(model, self.cfg.distributed.checkpoint_every_k,
+                                                  self.cfg.distributed.checkpoint_impl)
+        self.engine = dist.build_engine(model, self.cfg, self.tcfg, self.deepspeed_config, self.section)
+        self._seed(self.tcfg.seed + 1000 * (self.rank + 1))
+        self.data = self.build_data()
+        self.val_data = self.build_val_data()
+        self.schedule = LRSchedule(self.tcfg.schedule, self.tcfg.optimizer.lr, self.tcfg.steps)
+        self.ema = EMA(self.tcfg.ema_decay, self.tcfg.ema_every)
+        self.ckpt = CheckpointManager(self.folder / "checkpoints", self.cfg.checkpoint, self.rank, self.world)
+        self.metrics = Metrics(self.folder, self.cfg.logging, self.is_main, run_name=self.stage,
+                               config=self.cfg.to_dict())
+        self.resumed_from = ""
+        target = self.ckpt.resume_target(self.cfg.checkpoint.resume)
+        # Every rank must resume the same checkpoint (rank 0's view of the shared folder decides).
+        target_name = dist.broadcast_object(str(target) if target else "")
+        if target_name:
+            self.resume(Path(target_name))
+        elif self.ema.enabled:
+            self.ema.update(dist.full_fp32_named_parameters(self.engine), keep=self.is_main)
+        if self.is_main:
+            self.cfg.save(self.folder / "config.yaml")
+        self._set_up = True
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "updates": self.updates, "skipped": self.skipped, "section": self.section,
+                "schedule": self.schedule.state_dict(),
+                "ema": self.ema.state_dict() if self.is_main and self.ema.enabled else None,
+                "extra": self.extra_state()}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"rng": rng_state(), "data": self.data.state_dict(),
+                "hook": self.gradient_hook.state_dict() if self.gradient_hook is not None else None}
+
+    def save_checkpoint(self) -> Path:
+        return self.ckpt.save(self.engine, self.step, self.trainer_state(), self.rank_state(), self.cfg)
+
+    def resume(self, ckpt: Path) -> None:
+        self.ckpt.check_compatible(ckpt, self.cfg, self.model_sections, self.cfg.distributed.zero_stage)
+        state, mine = self.ckpt.load(self.engine, ckpt)
+        if state.get("section") != self.section:
+            raise CheckpointError(f"checkpoint {ckpt} was written by the {state.get('section')} stage, "
+                                  f"not {self.section}; point checkpoint.resume at this stage's checkpoints")
+        self.step, self.updates, self.skipped = state["step"], state["updates"], state["skipped"]
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema.enabled and self.is_main:
+            if not state.get("ema"):
+                raise CheckpointError(f"checkpoint {ckpt} has no EMA state but {self.section}.ema_decay="
+                                      f"{self.tcfg.ema_decay}; resume with {self.section}.ema_decay=0")
+            self.ema.load_state_dict(state["ema"])
+        self.load_extra_state(state.get("extra") or {})
+        self.data.load_state_dict(mine["data"])
+        if self.gradient_hook is not None:
+            if mine.get("hook") is None:
+                raise CheckpointError(f"checkpoint {ckpt} has no gradient-hook state but this run uses "
+                                      f"{type(self.gradient_hook).__name__}; resume with the same settings")
+            self.gradient_hook.load_state_dict(mine["hook"])
+        set_rng_state(mine["rng"])
+        self.resumed_from = str(ckpt)
+
+    # ------------------------------------------------------------------ EMA
+    def ema_model(self) -> nn.Module:
+        """A plain (non-DeepSpeed) CPU model holding the EMA weights.
+
+        Call it on every rank: without EMA the current weights are gathered, a collective.
+        """
+        # Building a model draws from the RNG; sampling must not shift the training streams.
+        with torch.random.fork_rng(devices=[]):
+            model = self.build_model()
+        state = self.ema.params if self.ema.enabled and self.ema.params else {
+            k: v for k, v in dist.full_fp32_named_parameters(self.engine)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(k in dict(model.named_parameters()) for k in missing):
+            raise RuntimeError(f"EMA weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        return model.eval()
+
+    def export_weights(self) -> tuple[Path, Path]:
+        """EMA (or, without EMA, current) weights as <stage>/<export_name>.safetensors + .yaml."""
+        import yaml
+        from safetensors.torch import save_file
+
+        if self.ema.enabled and self.ema.params:
+            tensors = {k: v.contiguous() for k, v in self.ema.params.items()}
+        else:
+            tensors = {k: v.contiguous() for k, v in dist.full_fp32_named_parameters(self.engine)}
+        if not self.is_main:
+            return Path(), Path()
+        out = self.folder / f"{self.export_name}.safetensors"
+        tmp = out.with_name(out.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"step": str(self.step), "ema": str(self.ema.enabled)})
+        tmp.replace(out)
+        cfg_path = self.folder / f"{self.export_name}.yaml"
+        cfg_tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+        cfg_tmp.write_text(yaml.safe_dump(self.export_config(), sort_keys=False))
+        cfg_tmp.replace(cfg_path)
+        return out, cfg_path
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[Any]:
+        while True:
+            got_any = False
+            for batch in self.data:
+                got_any = True
+                yield batch
+            if not got_any:
+                raise ConfigError(f"the {self.stage} training data yielded no batch for rank {self.rank}; "
+                                  f"check the data source and that it has at least micro_batch_size x ranks samples")
+
+    def train_step(self, batches: Iterator[Any]) -> dict[str, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns this rank's metrics."""
+        sums: dict[str, float] = {}
+        tokens = 0
+        flops: float | None = 0.0
+        accum = self.tcfg.grad_accum_steps
+        manual_norm = dist.needs_manual_grad_norm(self.engine)
+        norm_before: float | None = None
+        for micro in range(accum):
+            batch = next(batches)
+            loss, metrics = self.compute_loss(self.engine, batch)
+            self.engine.backward(loss)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + _scalar(v) / accum
+            tokens += self.tokens_in_batch(batch)
+            f = self.train_flops(batch)
+            flops = None if f is None or flops is None else flops + f
+        ok = True
+        if self.gradient_hook is not None:
+            ok = dist.call_hook(self.gradient_hook, self.engine.module)
+        if ok:
+            dist.set_lr(self.engine, self.schedule.lr(self.updates))
+            if manual_norm:
+                norm_before = dist.grad_norm_of_module(self.engine.module)
+            self.engine.step()
+            ok = dist.step_was_applied(self.engine)
+        else:
+            dist.skip_step(self.engine)
+        if ok:
+            self.updates += 1
+            norm = dist.grad_norm(self.engine, norm_before)
+            if norm is not None:
+                sums["grad_norm"] = norm
+        else:
+            self.skipped += 1
+        sums["_tokens"] = float(tokens)
+        sums["_flops"] = math.nan if flops is None else float(flops)
+        sums["_applied"] = 1.0 if ok else 0.0
+        return sums
+
+    def train(self) -> TrainSummary:
+        self.setup()
+        summary = TrainSummary(resumed_from=self.resumed_from)
+        start = self.step
+        total = self.tcfg.steps
+        batches = self._batches()
+        progress = None
+        if self.is_main and self.cfg.logging.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total, initial=start, desc=f"train {self.stage}", dynamic_ncols=True)
+            self.metrics.printer = progress.write
+        dtype = dist.param_dtype(self.engine)
+        peak = dist.device_peak_flops(dtype)
+        window_t0 = time.perf_counter()
+        window: dict[str, float] = {}
+        last_saved = self.step if self.resumed_from else -1
+        self.engine.train()
+        while self.step < total:
+            step_metrics = self.train_step(batches)
+            self.step += 1
+            for k, v in step_metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            window["_steps"] = window.get("_steps", 0.0) + 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_metrics['loss']:.4f}")
+            summary.last_loss = step_metrics["loss"]
+            if self.ema.enabled and step_metrics["_applied"] and self.ema.due(self.updates):
+                self.ema.update(dist.full_fp32_named_parameters(self.engine), keep=self.is_main)
+            logs: dict[str, float] = {}
+            if self.tcfg.eval_every and self.step % self.tcfg.eval_every == 0:
+                val = self.evaluate()
+                logs.update(val)
+                if "val_loss" in val:
+                    summary.last_val_loss = val["val_loss"]
+                    if self.schedule.observe(val["val_loss"]) and progress is not None:
+                        progress.write(f"step {self.step}: validation loss plateaued; lr decayed "
+                                       f"({self.schedule.decays} of {self.tcfg.schedule.max_decays})")
+            if self.step % self.tcfg.log_every == 0 or self.step == total:
+                logs.update(self._window_metrics(window, time.perf_counter() - window_t0, peak))
+                window, window_t0 = {}, time.perf_counter()
+            if logs:
+                self.metrics.log(self.step, logs)
+            if self.tcfg.sample_every and self.step % self.tcfg.sample_every == 0:
+                self.write_samples(self.step)
+            if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total:
+                self.save_checkpoint()
+                last_saved = self.step
+        if last_saved != self.step:
+            self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        summary.steps_run = self.step - start
+        summary.final_step = self.step
+        summary.skipped_steps = self.skipped
+        exported = self.export_weights()
+        if self.is_main:
+            summary.written = {"checkpoints": str(self.ckpt.folder) + f" (latest {self.ckpt.latest().name})",
+                               "weights (EMA)" if self.ema.enabled else "weights": str(exported[0]),
+                               "metrics": str(self.metrics.jsonl_path)}
+            if self.cfg.logging.tensorboard:
+                summary.written["tensorboard"] = str(self.folder / "tb")
+            if self.tcfg.sample_every:
+                summary.written["samples"] = str(self.folder / "samples")
+        self.metrics.close()
+        return summary
+
+    def _window_metrics(self, window: dict[str, float], seconds: float, peak: float | None) -> dict[str, float]:
+        n = max(1.0, window.get("_steps", 1.0))
+        local = {k: v / n for k, v in window.items() if not k.startswith("_") and k != "grad_norm"}
+        # Every rank reports its tokens and FLOPs; throughput is the sum over ranks.
+        local["_tokens"] = window.get("_tokens", 0.0)
+        local["_flops"] = window.get("_flops", 0.0)
+        avg = dist.mean_across_ranks(local)
+        out = {k: v for k, v in avg.items() if not k.startswith("_")}
+        applied = window.get("_applied", 0.0)
+        if applied and "grad_norm" in window:
+            out["grad_norm"] = window["grad_norm"] / applied
+        out["lr"] = self.schedule.lr(max(0, self.updates - 1))
+        out["skipped_steps"] = float(self.skipped)
+        out["peak_memory_gb"] = dist.peak_memory_bytes() / 2**30
+        if seconds > 0:
+            if avg["_tokens"] > 0:
+                out["tokens_per_s"] = avg["_tokens"] * self.world / seconds
+            flops = avg["_flops"]
+            if math.isfinite(flops) and flops > 0:
+                out["tflops_per_rank"] = flops / seconds / 1e12
+                if peak:
+                    out["mfu"] = flops / seconds / peak
+        return out

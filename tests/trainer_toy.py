@@ -1,0 +1,170 @@
+"""A small residual model and a resumable synthetic stream for testing the Trainer base.
+
+Used in-process by the tests and as a script for real multi-process runs:
+
+    deepspeed --num_gpus 2 tests/trainer_toy.py --run_dir DIR --runs zero0,zero1 --steps 10
+
+The model has the same hooks as the transformer (`resblocks`, `resblock_runner`, an embedding
+excluded from weight decay, dropout drawing from the RNG), so loop, checkpointing and resume are
+tested without depending on another part of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from megadalle.config import Config, load_config  # noqa: E402
+from megadalle.training.trainer import Trainer  # noqa: E402
+
+VOCAB = 32
+SEQ = 8
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+
+
+class ToyModel(nn.Module):
+    def __init__(self, dim: int = 32, depth: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.resblocks = nn.ModuleList(Block(dim, dropout) for _ in range(depth))
+        self.head = nn.Linear(dim, VOCAB)
+        self.resblock_runner = lambda block, x: x + block.branch(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (batch, seq, dim)
+        for block in self.resblocks:
+            h = self.resblock_runner(block, h)
+        return self.head(h).float()  # (batch, seq, vocab) logits in fp32
+
+
+class ToyStream:
+    """Deterministic samples; global sample i goes to rank i % world; resumable by position."""
+
+    def __init__(self, batch: int, rank: int, world: int, seed: int = 0) -> None:
+        self.batch, self.rank, self.world, self.seed = batch, rank, world, seed
+        self.position = 0  # batches this rank has handed out
+
+    def _sample(self, i: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, i)).integers(0, VOCAB, SEQ)
+
+    def __iter__(self):
+        while True:
+            first = self.position * self.batch * self.world
+            idx = [first + j * self.world + self.rank for j in range(self.batch)]
+            x = torch.from_numpy(np.stack([self._sample(i) for i in idx]))
+            self.position += 1
+            yield {"x": x, "y": (x * 3 + 1) % VOCAB}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+class ToyTrainer(Trainer):
+    model_sections = ()
+    export_name = "toy"
+
+    def __init__(self, cfg: Config, dropout: float = 0.1, step_delay: float = 0.0, **kw: Any) -> None:
+        super().__init__(cfg, section="train", stage="toy", **kw)
+        self.dropout = dropout
+        self.step_delay = step_delay
+
+    def build_model(self) -> nn.Module:
+        return ToyModel(dropout=self.dropout)
+
+    def build_data(self) -> ToyStream:
+        return ToyStream(self.tcfg.micro_batch_size, self.rank, self.world, self.tcfg.seed)
+
+    def build_val_data(self):
+        stream = ToyStream(self.tcfg.micro_batch_size, self.rank, self.world, seed=12345)
+        return stream
+
+    def compute_loss(self, model, batch):
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        logits = model(batch["x"].to(self.engine.device))
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), batch["y"].to(logits.device).reshape(-1))
+        return loss, {"first_token_loss": F.cross_entropy(logits[:, 0], batch["y"][:, 0].to(logits.device))}
+
+    def tokens_in_batch(self, batch) -> int:
+        return batch["x"].numel()
+
+
+def toy_config(run_dir: str | Path, **overrides: Any) -> Config:
+    base = {"logging.run_dir": str(run_dir), "logging.progress": False, "logging.tensorboard": False,
+            "precision.mode": "fp32", "train.steps": 6, "train.micro_batch_size": 4, "train.log_every": 1,
+            "train.ema_every": 2, "train.schedule.kind": "constant", "train.schedule.warmup_steps": 2,
+            "train.optimizer.lr": 1e-2, "checkpoint.every_steps": 3}
+    base.update(overrides)
+    return load_config("tiny", None, base)
+
+
+def losses(run_dir: str | Path, stage: str = "toy") -> dict[int, float]:
+    """step -> loss from metrics.jsonl (the last record of a step wins: a resumed run rewrites it)."""
+    from megadalle.training.metrics import read_jsonl
+
+    out = {}
+    for rec in read_jsonl(Path(run_dir) / stage / "metrics.jsonl"):
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+RUNS = {
+    "zero0": {"distributed.zero_stage": 0},
+    "zero1": {"distributed.zero_stage": 1},
+    "zero2": {"distributed.zero_stage": 2},
+    "zero3": {"distributed.zero_stage": 3},
+    "zero2_bf16": {"distributed.zero_stage": 2, "precision.mode": "bf16"},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run_dir", required=True)
+    p.add_argument("--runs", default="zero0", help="comma list of RUNS names, each in its own sub-folder")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--step_delay", type=float, default=0.0)
+    p.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted key=value")
+    a = p.parse_args()
+    extra = dict(o.split("=", 1) for o in a.overrides)
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, v in extra.items()}
+    for name in a.runs.split(","):
+        cfg = toy_config(Path(a.run_dir) / name, **{**RUNS[name], **extra})
+        trainer = ToyTrainer(cfg, dropout=a.dropout, step_delay=a.step_delay)
+        summary = trainer.train()
+        if trainer.is_main:
+            print(json.dumps({"run": name, "final_step": summary.final_step}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
