@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megadalle.config import ConfigError
 from megadalle.data.augment import RECIPES, augment, to_array
 from megadalle.data.decode import BadSample, decode_caption, decode_codes, decode_image
 from megadalle.data.shards import ReadProblem, Record, ShardError, iter_unit_records, source_units
@@ -391,7 +392,7 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r}; this megadalle reads "
+            raise ConfigError(f"data loader state version {state.get('version')!r}; this megadalle reads "
                              f"version {STATE_VERSION}")
         problems = []
         if state["world_size"] != self.spec.world_size or state["rank"] != self.spec.rank:
@@ -402,7 +403,7 @@ class ResumableLoader:
         if state["fingerprint"] != self.spec.fingerprint():
             problems.append("the shard list, batch size, seed or shuffle buffer differ")
         if problems:
-            raise ValueError("cannot resume the data position: " + "; ".join(problems)
+            raise ConfigError("cannot resume the data position: " + "; ".join(problems)
                              + ". Resume with the settings of the saved run, or start the data stream afresh.")
         self._states = [None if s is None else dict(s) for s in state["slots"]]
         self._next = int(state["next_worker"])

@@ -29,13 +29,18 @@ from typing import Iterator
 
 import numpy as np
 
+from megadalle.config import ConfigError
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 SHARD_PREFIX = "shard-"
 _BLOCK = 512
 
 
-class ShardError(ValueError):
-    """A shard source cannot be read at all (missing directory, no shards); says what to fix."""
+class ShardError(ConfigError):
+    """A shard source cannot be read at all (missing directory, no shards); says what to fix.
+
+    A ConfigError, since it means `data.source` (or a command's argument) names the wrong
+    thing: commands print it as a message, not a traceback."""
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -263,7 +268,9 @@ def folder_keys(root: str | Path) -> list[str]:
 
 def folder_units(root: str | Path, chunk: int = FOLDER_CHUNK) -> list[str]:
     """Virtual shards of an image folder: `root::start:end` ranges over its sorted keys."""
-    n = len(folder_keys(root))
+    keys = folder_keys(root)
+    _FolderIndex.cache[str(root)] = keys  # a fresh listing for the loader being built
+    n = len(keys)
     return [f"{root}::{i}:{min(n, i + chunk)}" for i in range(0, n, chunk)]
 
 
@@ -350,6 +357,11 @@ def existing_shards(out_dir: str | Path, prefix: str = SHARD_PREFIX) -> list[Pat
 def shard_keys(path: str | Path) -> list[str]:
     """Keys of the complete samples in a shard (e.g. to skip them when resuming an encode)."""
     return [r.key for r in iter_tar_records(path) if isinstance(r, Record)]
+
+
+def written_keys(out_dir: str | Path, prefix: str = SHARD_PREFIX) -> set[str]:
+    """Keys already in the complete shards of `out_dir` (`.tar.tmp` leftovers do not count)."""
+    return {k for p in existing_shards(out_dir, prefix) for k in shard_keys(p)}
 
 
 @dataclass

@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megadalle.config import ConfigError
+
 PAD = "<pad>"
 
 
@@ -32,7 +34,7 @@ def _require_tokenizers():
     return tokenizers
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(ConfigError):
     """The tokenizer file is missing or unreadable; the message says what to do."""
 
 
