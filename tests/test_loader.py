@@ -150,6 +150,11 @@ def test_loader_from_config_builds_and_reuses_the_shapes_data(tmp_path):
     loader = image_loader_from_config(cfg, 8, "val", endless=False, rank=0, world_size=1)
     keys = [k for b in loader for k in b["key"]]
     assert sorted(keys) == [f"val-{i:08d}" for i in range(8)]
+    # Validation restarts at every iter(), even after an evaluation stopped early.
+    first = next(iter(loader))["key"]
+    assert next(iter(loader))["key"] == first == keys[:8]
+    train = image_loader_from_config(cfg, 8, "train", rank=0, world_size=1)
+    assert next(iter(train))["key"] != next(iter(train))["key"]  # training continues instead
     assert (dirs["train"] / "shard-000000.tar").stat().st_mtime_ns == stamp  # reused, not rebuilt
     # A changed setting rebuilds that split; a missing shard too.
     (dirs["val"] / "shard-000000.tar").unlink()

@@ -351,10 +351,14 @@ class ResumableLoader:
     `stats()` returns the per-shard counts of good, skipped and converted samples so far.
     """
 
-    def __init__(self, spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False):
+    def __init__(self, spec: StreamSpec, num_workers: int = 0, pin_memory: bool = False,
+                 restart_every_iter: bool = False):
         self.spec = spec
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        # Validation: every iter() replays the same samples from the start (epoch 0), so that
+        # successive evaluations see the same batches.
+        self.restart_every_iter = restart_every_iter
         self._slots = max(1, num_workers)
         self._states: list[dict | None] = [None] * self._slots
         self._next = 0
@@ -362,6 +366,8 @@ class ResumableLoader:
 
     # ---- iteration ----
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.restart_every_iter:
+            self.reset()
         dataset = _StreamDataset(self.spec, list(self._states), self._next, self._slots)
         if self.num_workers == 0:
             items: Any = iter(dataset)
@@ -383,6 +389,12 @@ class ResumableLoader:
         self._states = [{"epoch": self._epoch, "stats": stats[i] if i < len(stats) else {}}
                         for i in range(self._slots)]
         self._next = 0
+
+    def reset(self) -> None:
+        """Back to the very start (epoch 0, no samples consumed, counts cleared)."""
+        self._states = [None] * self._slots
+        self._next = 0
+        self._epoch = 0
 
     # ---- state ----
     def state_dict(self) -> dict[str, Any]:
@@ -445,23 +457,23 @@ def image_loader(source: str | Path, batch_size: int, *, image_size: int = 64, a
                  seed: int = 0, shuffle_buffer: int = 1000, endless: bool = True, drop_last: bool = False,
                  num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
                  min_image_side: int = 16, max_aspect_ratio: float = 4.0,
-                 pin_memory: bool = False) -> ResumableLoader:
+                 pin_memory: bool = False, restart_every_iter: bool = False) -> ResumableLoader:
     """Image batches from a directory / glob of tar shards or an image folder."""
     rank, world_size = _rank_world(rank, world_size)
     spec = StreamSpec(tuple(source_units(source)), "image", batch_size, seed, rank, world_size, shuffle_buffer,
                       endless, drop_last, image_size, augment, min_image_side, max_aspect_ratio)
-    return ResumableLoader(spec, num_workers, pin_memory)
+    return ResumableLoader(spec, num_workers, pin_memory, restart_every_iter)
 
 
 def token_loader(source: str | Path, batch_size: int, *, codes_len: int | None = None, seed: int = 0,
                  shuffle_buffer: int = 1000, endless: bool = True, drop_last: bool = False,
                  num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
-                 pin_memory: bool = False) -> ResumableLoader:
+                 pin_memory: bool = False, restart_every_iter: bool = False) -> ResumableLoader:
     """Token batches ({"codes", "caption", "key"}) from token shards written by `megadalle encode`."""
     rank, world_size = _rank_world(rank, world_size)
     spec = StreamSpec(tuple(source_units(source)), "tokens", batch_size, seed, rank, world_size, shuffle_buffer,
                       endless, drop_last, codes_len=codes_len)
-    return ResumableLoader(spec, num_workers, pin_memory)
+    return ResumableLoader(spec, num_workers, pin_memory, restart_every_iter)
 
 
 def image_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *, endless: bool = True,
@@ -473,7 +485,8 @@ def image_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *,
     return image_loader(source, batch_size, image_size=d.image_size, augment=augment or d.augment, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer if split == "train" else 0, endless=endless,
                         num_workers=d.num_workers, rank=rank, world_size=world_size,
-                        min_image_side=d.min_image_side, max_aspect_ratio=d.max_aspect_ratio)
+                        min_image_side=d.min_image_side, max_aspect_ratio=d.max_aspect_ratio,
+                        restart_every_iter=split != "train")
 
 
 def token_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *, endless: bool = True,
@@ -489,7 +502,8 @@ def token_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *,
         source = str(Path(run_dir or cfg.logging.run_dir) / "tokens" / split)
     return token_loader(source, batch_size, codes_len=cfg.transformer.image_len, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer if split == "train" else 0, endless=endless,
-                        num_workers=d.num_workers, rank=rank, world_size=world_size)
+                        num_workers=d.num_workers, rank=rank, world_size=world_size,
+                        restart_every_iter=split != "train")
 
 
 def resolve_image_source(cfg: Any, split: str = "train", run_dir: str | Path | None = None) -> str:
