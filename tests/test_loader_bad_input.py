@@ -184,3 +184,24 @@ def test_image_folder_resumes_exactly(tmp_path):
     b = make()
     b.load_state_dict(a.state_dict())
     assert head + [k for bb in itertools.islice(iter(b), 12) for k in bb["key"]] == ref
+
+
+def test_resume_where_only_bad_samples_remain_in_the_epoch(tmp_path):
+    import itertools
+
+    with ShardWriter(tmp_path) as w:
+        for i in range(4):
+            w.write(f"good{i}", {"png": _good(i), "txt": "ok"})
+        for i in range(3):
+            w.write(f"bad{i}", {"png": b"", "txt": "zero bytes"})
+
+    def make():
+        return image_loader(tmp_path, 2, image_size=SIZE, rank=0, world_size=1, shuffle_buffer=0)
+
+    ref = [k for b in itertools.islice(iter(make()), 6) for k in b["key"]]
+    a = make()
+    head = [k for b in itertools.islice(iter(a), 2) for k in b["key"]]
+    b = make()
+    b.load_state_dict(a.state_dict())
+    assert head + [k for bb in itertools.islice(iter(b), 4) for k in bb["key"]] == ref
+    assert b.stats()[str(tmp_path / "shard-000000.tar")]["skipped"]["empty_image"] >= 3

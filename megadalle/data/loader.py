@@ -201,6 +201,7 @@ class _SlotStream:
             self.offset = state["offset"]
             self.seen = state["seen"]
             self.source_done = state["source_done"]
+            self._good_in_epoch = state.get("good", 0)
             self.rng.bit_generator.state = state["rng"]
             self.buffer = [self._reread(ui, off) for ui, off in state["buffer"]]
             self.buffer = [r for r in self.buffer if r is not None]
@@ -226,7 +227,8 @@ class _SlotStream:
     def state(self) -> dict[str, Any]:
         index = self.unit_index
         return {"epoch": self.epoch, "unit_pos": self.unit_pos, "offset": self.offset, "seen": self.seen,
-                "source_done": self.source_done, "rng": self.rng.bit_generator.state,
+                "source_done": self.source_done, "good": self._good_in_epoch,
+                "rng": self.rng.bit_generator.state,
                 "buffer": [[index[r.unit], r.offset] for r in self.buffer],
                 "stats": self.stats.to_dict(), "done": self.done}
 
