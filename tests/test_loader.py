@@ -110,6 +110,19 @@ def test_resume_survives_a_checkpoint_round_trip_and_epoch_boundaries(shards, tm
     assert fresh.epoch >= 2
 
 
+def test_resume_after_the_data_moved(shards, tmp_path):
+    import shutil
+
+    loader = image_loader(shards, 4, image_size=32, rank=0, world_size=1, shuffle_buffer=10)
+    ref = _keys(loader, 12)
+    loader = image_loader(shards, 4, image_size=32, rank=0, world_size=1, shuffle_buffer=10)
+    head = _keys(loader, 5)
+    moved = shutil.copytree(shards, tmp_path / "elsewhere")
+    resumed = image_loader(moved, 4, image_size=32, rank=0, world_size=1, shuffle_buffer=10)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + _keys(resumed, 7) == ref
+
+
 def test_resume_with_other_settings_is_refused(shards):
     loader = image_loader(shards, 4, image_size=32, rank=0, world_size=1)
     _keys(loader, 2)

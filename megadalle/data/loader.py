@@ -172,8 +172,12 @@ class StreamSpec:
             raise ShardError("no shards to read")
 
     def fingerprint(self) -> str:
-        """What a saved position depends on: the shard list and the batch layout."""
-        h = hashlib.sha256("\n".join(self.units).encode())
+        """What a saved position depends on: the shard list and the batch layout.
+
+        Shard names without their directory, so that a run resumes after its data moved.
+        """
+        names = [u.rpartition("::")[2] if "::" in u else Path(u).name for u in self.units]
+        h = hashlib.sha256("\n".join(names).encode())
         h.update(f"{self.kind}|{self.batch_size}|{self.seed}|{self.world_size}|{self.shuffle_buffer}".encode())
         return h.hexdigest()[:16]
 
