@@ -98,14 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, g, hd, bs in geometries:
         result["geometries"][name] = bench_geometry(name, g, hd, bs, args, device)
 
-    print("\nmask     stream  density(causal) image->image  blocks@bs  "
-          + "  ".join(f"{b + ' fwd':>16s}" for b in ("dense", "flex")) + f"{'dense fwd+bwd':>16s}")
+    backends = list(next(iter(result["geometries"].values()))["masks"]["row"]["times_s"])
+    print("\nmask     stream  density(causal) image->image  blocks@bs"
+          + "".join(f"{b + ' fwd':>17s}{b + ' fwd+bwd':>21s}" for b in backends))
     for name, geo in result["geometries"].items():
         for kind, row in geo["masks"].items():
-            t = row["times_s"]
+            cells = ""
+            for b in backends:
+                t = row["times_s"][b]
+                fb = t["forward_backward"]
+                cells += f"{t['forward'] * 1e3:14.2f} ms" + (f"{fb * 1e3:18.2f} ms" if fb is not None else f"{'n/a':>21s}")
             print(f"{kind:8s} {name:7s} {row['of_causal']:14.3f} {row['image_of_causal']:13.3f} "
-                  f"{row['layout_block_density']:9.3f}  {t['dense']['forward'] * 1e3:13.2f} ms "
-                  f"{t['flex']['forward'] * 1e3:13.2f} ms {t['dense']['forward_backward'] * 1e3:13.2f} ms")
+                  f"{row['layout_block_density']:9.3f}{cells}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
