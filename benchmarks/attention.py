@@ -31,16 +31,19 @@ from megadalle.transformer.attention import attention, block_sparse_available  #
 from megadalle.transformer.masks import MaskGeometry, mask_set  # noqa: E402
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds. On a shared CPU machine the wall time depends on the
+    other users; the CPU time of a single-threaded run does not."""
     fn()  # warm-up (and compilation for flex)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def bench_geometry(name: str, geometry: MaskGeometry, head_dim: int, block_size: int, args, device) -> dict:
@@ -50,7 +53,8 @@ def bench_geometry(name: str, geometry: MaskGeometry, head_dim: int, block_size:
            "batch": args.batch, "heads": args.heads, "block_size": block_size, "masks": {}}
     for kind in ATTENTION_TYPES:
         ms = mask_set(geometry, kind, S)
-        row = {**ms.density(), "layout_block_density": ms.layout(block_size).block_density, "times_s": {}}
+        row = {**ms.density(), "layout_block_density": ms.layout(block_size).block_density, "times_s": {},
+               "cpu_times_s": {}}
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(args.batch, args.heads, S, head_dim, generator=g).to(device) for _ in range(3))
         for backend in backends:
@@ -64,15 +68,16 @@ def bench_geometry(name: str, geometry: MaskGeometry, head_dim: int, block_size:
                 qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
                 attention(qq, kk, vv, ms, backend, **kw).sum().backward()
 
-            t = {"forward": _time(fwd, args.repeats)}
+            t, c = {}, {}
+            t["forward"], c["forward"] = _time(fwd, args.repeats)
             if backend == "flex" and device.type == "cpu":
-                t["forward_backward"] = None  # no FlexAttention backward on CPU in this torch
+                t["forward_backward"] = c["forward_backward"] = None  # no FlexAttention backward on CPU
             else:
-                t["forward_backward"] = _time(fwd_bwd, args.repeats)
-            row["times_s"][backend] = t
+                t["forward_backward"], c["forward_backward"] = _time(fwd_bwd, args.repeats)
+            row["times_s"][backend], row["cpu_times_s"][backend] = t, c
             print(f"  {name:6s} {kind:7s} {backend:12s} fwd {t['forward'] * 1e3:9.2f} ms   fwd+bwd "
-                  + (f"{t['forward_backward'] * 1e3:9.2f} ms" if t["forward_backward"] is not None else "      n/a"),
-                  flush=True)
+                  + (f"{t['forward_backward'] * 1e3:9.2f} ms" if t["forward_backward"] is not None else "      n/a")
+                  + " (wall)", flush=True)
         out["masks"][kind] = row
     return out
 
@@ -99,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         result["geometries"][name] = bench_geometry(name, g, hd, bs, args, device)
 
     backends = list(next(iter(result["geometries"].values()))["masks"]["row"]["times_s"])
-    print("\nmask     stream  density(causal) image->image  blocks@bs"
+    key = "cpu_times_s" if device.type == "cpu" else "times_s"
+    print(f"\n{'process CPU time' if device.type == 'cpu' else 'wall time'}, median of {args.repeats}:")
+    print("mask     stream  density(causal) image->image  blocks@bs"
           + "".join(f"{b + ' fwd':>17s}{b + ' fwd+bwd':>21s}" for b in backends))
     for name, geo in result["geometries"].items():
         for kind, row in geo["masks"].items():
             cells = ""
             for b in backends:
-                t = row["times_s"][b]
+                t = row[key][b]
                 fb = t["forward_backward"]
                 cells += f"{t['forward'] * 1e3:14.2f} ms" + (f"{fb * 1e3:18.2f} ms" if fb is not None else f"{'n/a':>21s}")
             print(f"{kind:8s} {name:7s} {row['of_causal']:14.3f} {row['image_of_causal']:13.3f} "
