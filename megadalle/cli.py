@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("megadalle.distributed.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
     "sample": ("megadalle.generate.sample_command", "generate images for captions, rerank, write a grid and JSON"),
     "eval": ("megadalle.eval.eval_command", "sample a caption set and score it (shapes accuracy, CLIP score, FID/IS)"),
+    "train-clip": ("megadalle.training.clip_trainer", "train the contrastive reranker on the image shards"),
 }
 
 

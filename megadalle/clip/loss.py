@@ -26,7 +26,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, log_scale:
     if image_emb.shape != text_emb.shape or image_emb.dim() != 2:
         raise ValueError(f"embeddings must both be [B, E]; got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     b = image_emb.shape[0]
-    scale = log_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    scale = log_scale.clamp(max=MAX_LOGIT_SCALE).exp().reshape(())  # scalar from [] or [1]
     logits = scale * image_emb @ text_emb.t()  # (B images, B texts)
     eye = torch.eye(b, dtype=torch.bool, device=logits.device)
     pos = eye if positives is None else (positives.to(logits.device) | eye)

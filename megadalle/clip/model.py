@@ -100,7 +100,8 @@ class ClipModel(nn.Module):
         self.image = ImageEncoder(cfg, geometry.image_size)
         self.text = TextEncoder(cfg, geometry.text_vocab_size, geometry.text_len)
         # CLIP's initial temperature 0.07, learned in log space and capped at 100 (see loss).
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Shape [1], not a 0-d tensor: DeepSpeed's parameter broadcast cannot view 0-d tensors.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [B,3,H,W] in [0,1] -> unit vectors [B, embed_dim]."""

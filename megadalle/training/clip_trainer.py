@@ -1,0 +1,76 @@
+"""`megadalle train-clip`: the contrastive reranker, trained with the shared Trainer on the same
+image shards as the dVAE (captions through the run's BPE tokenizer).
+
+Writes `<run_dir>/clip/`: checkpoints/, metrics, and the export `clip.safetensors` + `clip.yaml`
+that `load_clip` (and so `megadalle sample` / `eval`) reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from megadalle.cli import CommandError
+from megadalle.clip.model import ClipGeometry, ClipModel
+from megadalle.config import Config
+from megadalle.generate.load import load_tokenizer
+from megadalle.training.trainer import Trainer
+
+
+class ClipTrainer(Trainer):
+    model_sections = ("clip",)
+    export_name = "clip"
+
+    def __init__(self, cfg: Config, **kwargs: Any) -> None:
+        super().__init__(cfg, section="clip_train", stage="clip", **kwargs)
+        self.tokenizer = load_tokenizer(cfg)
+        self.geometry = ClipGeometry(cfg.tokenizer.vocab_size, cfg.tokenizer.text_len, cfg.data.image_size)
+
+    def build_model(self) -> ClipModel:
+        return ClipModel(self.cfg.clip, self.geometry)
+
+    def build_data(self):
+        from megadalle.data.loader import image_loader_from_config
+
+        return image_loader_from_config(self.cfg, self.tcfg.micro_batch_size, "train", rank=self.rank,
+                                        world_size=self.world, augment=self.cfg.clip.augment)
+
+    def build_val_data(self):
+        from megadalle.data.loader import image_loader_from_config
+        from megadalle.data.shards import ShardError
+
+        try:
+            return image_loader_from_config(self.cfg, self.tcfg.micro_batch_size, "val", endless=False,
+                                            rank=self.rank, world_size=self.world, augment="none")
+        except ShardError:
+            return None  # no validation split configured: train without evaluation
+
+    def compute_loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        text = self.tokenizer.encode(batch["caption"])  # (B, text_len), 0 = padding
+        device = batch["image"].device if not hasattr(model, "device") else model.device
+        out = model(batch["image"].to(device), text.to(device))
+        return out["loss"], {"accuracy": out["accuracy"], "temperature": out["temperature"]}
+
+    def export_config(self) -> dict[str, Any]:
+        # The format `load_clip` reads: the reranker's own config and the data geometry.
+        return {"clip": asdict(self.cfg.clip), "geometry": asdict(self.geometry)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=None, help="override clip_train.steps")
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.steps is not None:
+        cfg = cfg.replace(**{"clip_train.steps": args.steps})
+    if cfg.clip.open_clip_checkpoint:
+        raise CommandError("clip.open_clip_checkpoint is set: that reranker is used as is; train-clip trains "
+                           "megadalle's own reranker, so unset clip.open_clip_model/open_clip_checkpoint")
+    trainer = ClipTrainer(cfg)
+    summary = trainer.train()
+    if trainer.is_main:
+        print(summary.describe())
+    return 0
