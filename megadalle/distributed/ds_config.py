@@ -47,14 +47,14 @@ def build_ds_config(cfg: Config, train: TrainConfig, world_size: int | None) -> 
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     out["zero_optimization"] = zero
     out["bf16"] = {"enabled": prec.mode == "bf16"}
-    fp16: dict[str, Any] = {"enabled": prec.mode in ("fp16", "fp16_per_resblock")}
+    # fp16_per_resblock leaves DeepSpeed in fp32: the residual stream, gains, biases, embeddings
+    # and logits stay fp32 as in the paper, and each resblock's branch computes in fp16 under its
+    # own gradient scale (distributed/resblock_scaling.py). A DeepSpeed fp16 engine would cast
+    # the whole model to fp16 and add a global scale on top.
+    fp16: dict[str, Any] = {"enabled": prec.mode == "fp16"}
     if prec.mode == "fp16":
         fp16.update(loss_scale=0, initial_scale_power=prec.fp16_initial_scale_power,
                     loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
-    elif prec.mode == "fp16_per_resblock":
-        # Scaling happens per resblock inside the model (paper appendix D); DeepSpeed must not
-        # add a global scale on top, so its own scale is fixed at 1.
-        fp16.update(loss_scale=1.0)
     out["fp16"] = fp16
     # Optimizer offload with our torch optimizer (DeepSpeedCPUAdam needs a compiled op).
     if dist.offload_optimizer:

@@ -242,7 +242,7 @@ def resolve_ds_config(cfg: Config, train: TrainConfig, world: int, user_config: 
                       section: str = "train") -> dict[str, Any]:
     """Generated DeepSpeed dict, merged with a hand-written JSON (path or dict) when given."""
     on_cuda = torch.cuda.is_available()
-    if cfg.precision.mode in ("fp16", "fp16_per_resblock") and not on_cuda:
+    if cfg.precision.mode == "fp16" and not on_cuda:
         raise ConfigError(f"precision.mode={cfg.precision.mode} needs a GPU: DeepSpeed's CPU accelerator "
                           f"refuses fp16. Use precision.mode=bf16 (or fp32) on CPU")
     generated = build_ds_config(cfg, train, world)
@@ -442,6 +442,50 @@ def device_peak_flops(dtype: torch.dtype) -> float | None:
     return None
 
 
+class HookChain:
+    """Several gradient hooks as one: each runs in order; the first False skips the rest."""
+
+    def __init__(self, *hooks: Any) -> None:
+        self.hooks = [h for h in hooks if h is not None]
+
+    def after_backward(self, model: nn.Module) -> bool:
+        return all(h.after_backward(model) for h in self.hooks)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for h in self.hooks:
+            out.update(h.metrics() if hasattr(h, "metrics") else {})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(self.hooks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = [f"{i}:{type(h).__name__}" for i, h in enumerate(self.hooks)]
+        if sorted(state) != sorted(names):
+            raise ConfigError(f"the checkpoint's gradient hooks {sorted(state)} differ from this run's {names}; "
+                              f"resume with the same precision and compression settings")
+        for name, h in zip(names, self.hooks):
+            h.load_state_dict(state[name])
+
+
+def install_precision(model: nn.Module, cfg: Config, gradient_hook: Any = None) -> Any:
+    """Install what the precision mode needs inside the model; returns the gradient hook to use.
+
+    fp16_per_resblock: a scale per resblock (attention and MLP separately), run before any
+    other gradient hook so that a skipped step skips the gradient exchange too.
+    """
+    if cfg.precision.mode != "fp16_per_resblock":
+        return gradient_hook
+    if not hasattr(model, "resblocks") or not hasattr(model, "resblock_runner"):
+        raise ConfigError(f"precision.mode=fp16_per_resblock needs a model made of resblocks (the transformer); "
+                          f"{type(model).__name__} has none: use precision.mode=bf16, fp16 or fp32 for it")
+    from megadalle.distributed.resblock_scaling import install
+
+    scaler = install(model, cfg.precision, world_size())
+    return HookChain(scaler, gradient_hook) if gradient_hook is not None else scaler
+
+
 def call_hook(hook: Any, module: nn.Module) -> bool:
     """The gradient hook's verdict, agreed by every rank (one rank's False skips everywhere)."""
     ok = bool(hook.after_backward(module))
@@ -453,4 +497,5 @@ __all__ = [
     "broadcast_object", "mean_across_ranks", "weight_decay_groups", "build_optimizer", "resolve_ds_config",
     "build_engine", "set_lr", "grad_norm", "skip_step", "full_fp32_named_parameters", "gathered",
     "install_activation_checkpointing", "peak_memory_bytes", "device_peak_flops", "call_hook",
+    "install_precision", "HookChain",
 ]

@@ -196,10 +196,14 @@ class ResblockScaler:
         return ok
 
     def metrics(self) -> dict[str, float]:
+        """Summary plus one series per block (TensorBoard draws the paper's figure 12 from them)."""
         s = self.log2_scales
-        return {"scale_log2_min": float(s.min()), "scale_log2_max": float(s.max()),
-                "scale_log2_mean": float(s.mean()), "skipped_steps": float(self.skipped),
-                "flagged_blocks": float(self.last_flags[:-1].sum())}
+        out = {"resblock_scaling/log2_min": float(s.min()), "resblock_scaling/log2_max": float(s.max()),
+               "resblock_scaling/skipped_steps": float(self.skipped),
+               "resblock_scaling/flagged_blocks": float(self.last_flags[:-1].sum())}
+        for i, b in enumerate(self.blocks):
+            out[f"resblock_scale_log2/{i:03d}_{type(b).__name__}"] = float(s[i])
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"log2_scales": self.log2_scales.clone(), "last_decrease": self.last_decrease.clone(),

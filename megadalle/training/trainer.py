@@ -169,6 +169,8 @@ class Trainer:
         self._seed(self.tcfg.seed)
         model = self.build_model()
         self.model = model
+        # Per-resblock fp16 scaling goes in first: activation checkpointing wraps its runner.
+        self.gradient_hook = dist.install_precision(model, self.cfg, self.gradient_hook)
         if self.cfg.distributed.activation_checkpointing:
             dist.install_activation_checkpointing(model, self.cfg.distributed.checkpoint_every_k,
                                                   self.cfg.distributed.checkpoint_impl)
@@ -368,6 +370,8 @@ class Trainer:
                 window, window_t0 = {}, time.perf_counter()
             if logs:
                 self.metrics.log(self.step, logs)
+                if hasattr(self.gradient_hook, "metrics"):  # e.g. per-resblock scales (paper fig. 12)
+                    self.metrics.log(self.step, self.gradient_hook.metrics(), console=False)
             if self.tcfg.sample_every and self.step % self.tcfg.sample_every == 0:
                 self.write_samples(self.step)
             if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total:
