@@ -311,3 +311,20 @@ def test_transformer_blocksparse_backend_matches_dense(kind):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+
+def test_threads_split_work_without_changing_results():
+    """at::parallel_for chunks (batch*head, query block) tasks; results must not depend on it."""
+    layout = dalle_layout("conv")
+    q, k, v = qkv(layout, seed=10)
+    dout = torch.randn_like(q)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads(block_sparse_attention, q, k, v, layout, dout)
+        torch.set_num_threads(2)
+        two = run_with_grads(block_sparse_attention, q, k, v, layout, dout)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)

@@ -18,7 +18,7 @@
 #include "bsa_params.h"
 
 #ifdef MEGADALLE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "bsa_cuda.h"
@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> bsa_forward(const at::Tensor& q, const at::Te
   if (q.is_cuda()) {
     check_cuda_sizes(q, block_size);
     c10::cuda::CUDAGuard guard(q.device());
-    check_cuda_status(forward_cuda(p, to_dtype(q), at::cuda::getCurrentCUDAStream()), "forward kernel");
+    check_cuda_status(forward_cuda(p, to_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), "forward kernel");
     return {out, lse};
   }
 #endif
@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_backward(
   if (q.is_cuda()) {
     check_cuda_sizes(q, block_size);
     c10::cuda::CUDAGuard guard(q.device());
-    check_cuda_status(backward_cuda(p, to_dtype(q), at::cuda::getCurrentCUDAStream()), "backward kernels");
+    check_cuda_status(backward_cuda(p, to_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), "backward kernels");
     return {dq, dk, dv};
   }
 #endif
@@ -235,7 +235,7 @@ at::Tensor bsa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   if (q.is_cuda()) {
     check_cuda_sizes(q, block_size);
     c10::cuda::CUDAGuard guard(q.device());
-    check_cuda_status(decode_cuda(p, to_dtype(q), at::cuda::getCurrentCUDAStream()), "decode kernel");
+    check_cuda_status(decode_cuda(p, to_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), "decode kernel");
     return out;
   }
 #endif
