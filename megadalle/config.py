@@ -391,9 +391,13 @@ class PowerSGDConfig:
     rank: int = 0
     seed: int = 0
     orth_eps: float = 1e-6
+    # Parameter names (fnmatch patterns) sent uncompressed in fp32 besides every nn.Embedding and
+    # every gain/bias (< 2 dims): the unembeddings (paper: embeddings, unembeddings, gains, biases).
+    uncompressed: list[str] = field(default_factory=lambda: ["*embed*", "*logits*", "*lm_head*"])
 
     def __post_init__(self) -> None:
         _check(self.rank >= 0, "distributed.powersgd.rank must be >= 0 (0 = derived from d_model)")
+        _check(0 < self.orth_eps < 1, "distributed.powersgd.orth_eps must be in (0, 1); the paper uses 1e-6")
 
 
 @dataclass

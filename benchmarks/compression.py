@@ -1,0 +1,186 @@
+"""Gradient compression between machines, off vs on, measured in one run.
+
+Launches `--world` gloo processes on this host as machines of `--gpus-per-node` ranks, trains the
+same transformer from the same initial weights on the same data twice through DeepSpeed (ZeRO-0):
+once with the hierarchical exchange uncompressed, once with PowerSGD across machines. Prints side
+by side: inter-machine bytes per step (counted by megadalle.distributed.comm on every collective),
+the compression rate measured and predicted by the paper's formula generalised to L GPUs per
+machine, step time and the loss curve; writes everything to JSON.
+
+    python benchmarks/compression.py --steps 60 --out benchmarks/results/compression.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megadalle.config import load_config  # noqa: E402
+from megadalle.distributed.powersgd import (  # noqa: E402
+    PAPER_GPUS_PER_NODE, default_rank, predicted_compression_rate, shard_rank)
+
+
+class StandInTransformer(nn.Module):
+    """Causal LM from torch's own transformer layers at the tiny preset's sizes (used while
+    megadalle.transformer has no model): what matters here is the set of gradient shapes."""
+
+    def __init__(self, dim: int, depth: int, heads: int, vocab: int, seq: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos_embed = nn.Parameter(torch.randn(seq, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.to_logits = nn.Linear(dim, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos_embed  # (B, S, D)
+        logits = self.to_logits(self.blocks(x, mask=self.mask, is_causal=True))  # (B, S, V)
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def make_batch(rank: int, step: int, batch: int, seq: int, vocab: int) -> torch.Tensor:
+    """Token sequences from a fixed Markov chain (learnable), different on every rank and step."""
+    nxt = torch.randint(vocab, (vocab, 4), generator=torch.Generator().manual_seed(7))  # 4 likely successors
+    g = torch.Generator().manual_seed(100_003 * step + rank)
+    toks = torch.empty(batch, seq, dtype=torch.long)
+    toks[:, 0] = torch.randint(vocab, (batch,), generator=g)
+    for t in range(1, seq):
+        toks[:, t] = nxt[toks[:, t - 1], torch.randint(4, (batch,), generator=g)]
+    return toks
+
+
+def run_mode(args, groups, rank: int, compress: bool) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+
+    from megadalle.distributed.comm import Comm
+    from megadalle.distributed.powersgd import DeepSpeedExchange, PowerSGDExchange
+
+    cfg = load_config(args.preset)
+    t = cfg.transformer
+    torch.manual_seed(0)
+    model = StandInTransformer(t.dim, t.depth, t.heads, args.vocab, args.seq)
+    ds_cfg = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0, "torch_adam": True}},
+              "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
+                                      dist_init_required=False)
+    comm = Comm(groups)
+    rank_r = cfg.distributed.powersgd.rank or default_rank(t.dim)
+    exchange = PowerSGDExchange(engine.module, comm, rank=rank_r, compress=compress,
+                                uncompressed=list(cfg.distributed.powersgd.uncompressed))
+    hook = DeepSpeedExchange(engine, exchange)
+    losses, times = [], []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        loss = engine(make_batch(rank, step, args.batch, args.seq, args.vocab))
+        engine.backward(loss)
+        if hook.after_backward(engine):
+            engine.step()
+        times.append(time.perf_counter() - t0)
+        mean = torch.tensor([loss.item()])
+        dist.all_reduce(mean)
+        losses.append(mean.item() / dist.get_world_size())
+    lay = exchange.layout
+    return {"losses": losses, "step_time_s": sum(times[1:]) / max(1, len(times) - 1),
+            "inter_bytes_per_step": comm.bytes("inter") / args.steps,
+            "inter_powersgd_bytes_per_step": comm.bytes("inter", "powersgd") / args.steps,
+            "inter_dense_bytes_per_step": comm.bytes("inter", "dense") / args.steps,
+            "intra_bytes_per_step": comm.bytes("intra") / args.steps,
+            "rank": rank_r, "rank_per_shard": exchange.rank_per_shard, "d_model": t.dim,
+            "compressed_params": sum(m.param.numel() for m in lay.matrices),
+            "plain_params": sum(p.numel() for _, p in lay.plain)}
+
+
+def worker(rank: int, args, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(args.world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(args.world),
+                      DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from megadalle.distributed.groups import build_groups
+
+    dist.init_process_group("gloo", rank=rank, world_size=args.world, timeout=datetime.timedelta(seconds=300))
+    groups = build_groups(args.gpus_per_node)
+    off = run_mode(args, groups, rank, compress=False)
+    on = run_mode(args, groups, rank, compress=True)
+    if rank == 0:
+        report(args, groups.machines, off, on)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def report(args, machines: int, off: dict, on: dict) -> None:
+    L, d, s, r = args.gpus_per_node, on["d_model"], on["rank_per_shard"], on["rank"]
+    matrices_off = off["inter_bytes_per_step"] - on["inter_dense_bytes_per_step"]
+    result = {
+        "machine": "2-core CPU, no GPU", "world": args.world, "gpus_per_node": L, "machines": machines,
+        "preset": args.preset, "steps": args.steps, "d_model": d, "rank": r, "rank_per_shard": s,
+        "compressed_params": on["compressed_params"], "plain_params": on["plain_params"],
+        "off": off, "on": on,
+        "rate_matrices_measured": 1 - on["inter_powersgd_bytes_per_step"] / matrices_off,
+        "rate_matrices_predicted": predicted_compression_rate(s, d, L),
+        "rate_all_measured": 1 - on["inter_bytes_per_step"] / off["inter_bytes_per_step"],
+        "paper_formula_8_gpus": 1 - 5 * r / (PAPER_GPUS_PER_NODE * d),
+        "final_loss_gap": (sum(on["losses"][-5:]) - sum(off["losses"][-5:])) / sum(off["losses"][-5:]),
+    }
+    print(f"\n{machines} machines x {L} ranks (gloo, one host), {args.preset} widths: d_model {d}, "
+          f"rank {r} ({s} per shard), {args.steps} steps; 2-core CPU, no GPU")
+    print(f"{'':34}{'off':>14}{'on':>14}{'on/off':>9}")
+    for key, label in [("inter_bytes_per_step", "inter-machine bytes / step"),
+                       ("intra_bytes_per_step", "intra-machine bytes / step"), ("step_time_s", "step time (s)")]:
+        print(f"{label:34}{off[key]:>14,.4g}{on[key]:>14,.4g}{on[key] / off[key]:>9.3f}")
+    print(f"{'final loss (mean of last 5)':34}{sum(off['losses'][-5:]) / 5:>14.4f}{sum(on['losses'][-5:]) / 5:>14.4f}"
+          f"{result['final_loss_gap'] + 1:>9.3f}")
+    print(f"compression rate on weight matrices: measured {result['rate_matrices_measured']:.3f}, "
+          f"predicted 1-(L/2+1)s/d = {result['rate_matrices_predicted']:.3f} "
+          f"(paper's 1-5r/(8d) with 8 GPUs/machine: {result['paper_formula_8_gpus']:.3f})")
+    print(f"compression rate on all inter-machine bytes (embeddings, gains, biases stay fp32): "
+          f"{result['rate_all_measured']:.3f}")
+    every = max(1, args.steps // 10)
+    print("loss curve (every %d steps)" % every)
+    print("  off: " + " ".join(f"{x:.3f}" for x in off["losses"][::every]))
+    print("  on:  " + " ".join(f"{x:.3f}" for x in on["losses"][::every]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--gpus-per-node", type=int, default=2)
+    p.add_argument("--preset", default="tiny", help="config preset giving the transformer widths")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", default="benchmarks/results/compression.json")
+    args = p.parse_args()
+    if args.world % args.gpus_per_node:
+        p.error(f"--gpus-per-node {args.gpus_per_node} must divide --world {args.world}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(worker, args=(args, port), nprocs=args.world, join=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""The paper's gradient exchange: uncompressed inside a machine, PowerSGD between machines.
+
+What is sharded where, and why
+------------------------------
+World = M machines x L ranks (groups.py). Every gradient-carrying parameter is split into L
+shards, one per local index l:
+
+* a compressed matrix (every weight with >= 2 dims that is not an embedding or unembedding; a conv
+  weight [out, in, k, k] is viewed as [out, in*k*k]) is split along its LARGER dimension, so an
+  attention matrix d x d gives shards d/L x d and an MLP matrix d x 4d gives d x 4d/L: the split
+  the paper's rate formula assumes, and the one that sends the least for a given shard rank;
+* the plain parameters (embeddings, unembeddings, gains, biases) are flattened together and cut
+  into L equal slices; they are never compressed (the paper keeps them in fp32, uncompressed).
+
+Rank l of each machine owns chunk l = [its compressed shards | shards too small to gain from
+compression | its slice of the plain parameters]. The exchange per optimizer step:
+
+1. intra: reduce-scatter the packed gradients (fp32, uncompressed): rank l now holds chunk l
+   summed over its machine; /L gives the machine-averaged shard gradient G (paper: "reduce-scatter
+   inside the machine").
+2. every rank checks G for inf/NaN; one tiny MAX all-reduce makes every rank agree; on a
+   non-finite value the step is skipped everywhere, gradients are zeroed and the error buffers are
+   left untouched.
+3. inter, per compressed shard (error buffer E is per rank, i.e. per machine and local index):
+   E += G; P = E Q (Q: fixed Gaussian, drawn once from the seed, identical on every machine for a
+   given shard); all-reduce P; P = orth(P) (Householder QR of P + eps*I); Q' = E^T P; all-reduce
+   Q'; the shard's new gradient is P Q'^T / M, and E -= P Q'^T / M.
+   The remaining tail of the chunk (plain slice and incompressible shards) goes through one fp32
+   all-reduce, /M.
+4. intra: all-gather the chunks, so every rank holds the full averaged gradient in param.grad.
+
+Why the all-gather in 4: the paper's machines keep parameters sharded (ZeRO-3 style) and need only
+their shard's gradient. DeepSpeed's ZeRO-0/1/2 keep full parameters on every rank and partition the
+optimizer state (ZeRO-1/2) over ALL ranks in flat buckets that do not line up with our per-matrix
+shards, so we hand DeepSpeed the full averaged gradient and let its own machinery take its
+partition without communicating (`attach_to_engine`). The all-gather is intra-machine traffic only.
+
+Error buffers live only for this rank's compressed shards (fp32, 1/L of the compressed weights).
+In a checkpoint they are stored as the SUM over machines per local index, reassembled into full
+per-parameter matrices; on resume rank 0's copy is broadcast and each rank takes its shard / M.
+Every later step depends on the error buffers only through their sum over machines (P and Q' are
+all-reduced sums), so resume is exact up to float rounding, and it also works after changing the
+number of machines.
+
+Byte counts come from comm.Comm (every collective passes through it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from megadalle.config import ConfigError, DistributedConfig
+from megadalle.distributed.comm import Comm
+
+# The paper's table: rank 896 at d_model 3968 with 8 GPUs per machine, i.e. 112 per GPU shard.
+PAPER_RANK, PAPER_D_MODEL, PAPER_GPUS_PER_NODE = 896, 3968, 8
+
+
+def default_rank(d_model: int) -> int:
+    """The paper's rank scaled to d_model (896 at 3968)."""
+    return max(PAPER_GPUS_PER_NODE, round(PAPER_RANK * d_model / PAPER_D_MODEL))
+
+
+def shard_rank(rank: int) -> int:
+    """Rank of each GPU shard's approximation: the paper's split of r into 8 ("112 per shard"),
+    kept whatever the number of GPUs per machine, so a shard's work and traffic scale with
+    d_model as in the paper."""
+    return max(1, math.ceil(rank / PAPER_GPUS_PER_NODE))
+
+
+def predicted_compression_rate(rank_per_shard: int, d_model: int, gpus_per_node: int) -> float:
+    """Fraction of inter-machine bytes saved on the transformer's weight matrices.
+
+    Per layer the weights are 4 d x d (attention) and 2 d x 4d (MLP) matrices, each split L ways
+    along its larger side. A shard a x b at rank s sends (a + b) s numbers instead of a b:
+    attention (d/L x d): s (L + 1)/d per number, MLP (d x 4d/L): s (L/4 + 1)/d; weighted 4:8 the
+    fraction sent is (L/2 + 1) s / d. With L = 8 and s = r/8 this is the paper's 1 - 5r/(8 d).
+    """
+    return 1.0 - (gpus_per_node / 2 + 1) * rank_per_shard / d_model
+
+
+def orthogonalise(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis of the columns of p [a, s] (a >= s) via Householder QR of p + eps*I.
+
+    LAPACK's geqrf (behind torch.linalg.qr) is Householder: backward stable, so Q^T Q = I to
+    machine precision even for nearly dependent columns, where Gram-Schmidt loses orthogonality.
+    The eps*I keeps the factorisation well defined when p has zero or repeated columns (e.g. a
+    gradient that is exactly zero), as in the paper.
+    """
+    p = p.clone()
+    s = min(p.shape)
+    p.diagonal()[:s] += eps  # p + eps * I[a, s]
+    q, _ = torch.linalg.qr(p, mode="reduced")  # q: [a, s]
+    return q
+
+
+@dataclass
+class _Shard:
+    """One compressed parameter's shard for one local index, located in that index's chunk."""
+
+    param_index: int  # into Layout.matrices
+    offset: int  # start in the chunk
+    rows: int  # a
+    cols: int  # b
+    rank: int  # s; 0 = sent uncompressed (too small to gain)
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass
+class _Matrix:
+    name: str
+    param: nn.Parameter
+    rows: int  # 2-D view [rows, cols] of the gradient
+    cols: int
+    split_dim: int  # 0: shards are row blocks, 1: column blocks
+    bounds: list[tuple[int, int]]  # per local index, [start, end) along split_dim
+
+
+@dataclass
+class Layout:
+    """Where every gradient number lives in the packed buffer [L * chunk]; same on all ranks."""
+
+    gpus_per_node: int
+    matrices: list[_Matrix]
+    plain: list[tuple[str, nn.Parameter]]
+    shards: list[list[_Shard]]  # [local index] -> compressed shards first, then dense ones
+    compressed_numel: list[int]  # [local index] numbers handled by PowerSGD (a prefix of the chunk)
+    plain_offset: list[int]  # [local index] where the plain slice starts in the chunk
+    plain_bounds: list[tuple[int, int]]  # [local index] slice of the flat plain vector
+    chunk: int  # padded chunk size (every chunk has the same size for the collectives)
+
+
+def _is_plain(name: str, param: nn.Parameter, embedding_params: set[int], patterns: list[str]) -> bool:
+    return (param.dim() < 2 or id(param) in embedding_params
+            or any(fnmatch.fnmatch(name, pat) for pat in patterns))
+
+
+def build_layout(model: nn.Module, gpus_per_node: int, rank_per_shard: int,
+                 uncompressed: list[str], compress: bool = True) -> Layout:
+    L = gpus_per_node
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrices: list[_Matrix] = []
+    plain: list[tuple[str, nn.Parameter]] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if _is_plain(name, p, embedding_params, uncompressed):
+            plain.append((name, p))
+            continue
+        rows, cols = p.shape[0], p[0].numel()
+        split_dim = 0 if rows >= cols else 1
+        edges = [int(round(i * (rows, cols)[split_dim] / L)) for i in range(L + 1)]
+        matrices.append(_Matrix(name, p, rows, cols, split_dim, list(zip(edges[:-1], edges[1:]))))
+
+    plain_numel = sum(p.numel() for _, p in plain)
+    pedges = [int(round(i * plain_numel / L)) for i in range(L + 1)]
+    plain_bounds = list(zip(pedges[:-1], pedges[1:]))
+    shards, compressed_numel, plain_offset, sizes = [], [], [], []
+    for loc in range(L):
+        comp, dense = [], []
+        for i, m in enumerate(matrices):
+            lo, hi = m.bounds[loc]
+            a, b = (hi - lo, m.cols) if m.split_dim == 0 else (m.rows, hi - lo)
+            s = min(rank_per_shard, a, b)
+            # PowerSGD sends (a + b) s numbers instead of a b; below that it only loses accuracy.
+            worth_it = compress and a * b > 0 and (a + b) * s < a * b
+            (comp if worth_it else dense).append(_Shard(i, 0, a, b, s if worth_it else 0))
+        offset = 0
+        for sh in comp + dense:
+            sh.offset = offset
+            offset += sh.numel
+        shards.append(comp + dense)
+        compressed_numel.append(sum(sh.numel for sh in comp))
+        plain_offset.append(offset)
+        sizes.append(offset + plain_bounds[loc][1] - plain_bounds[loc][0])
+    return Layout(L, matrices, plain, shards, compressed_numel, plain_offset, plain_bounds, max(sizes))
+
+
+def _shard_view(m: _Matrix, grad2d: torch.Tensor, loc: int) -> torch.Tensor:
+    lo, hi = m.bounds[loc]
+    return grad2d[lo:hi] if m.split_dim == 0 else grad2d[:, lo:hi]
+
+
+def pack(layout: Layout, grads: list[torch.Tensor | None], plain_grads: list[torch.Tensor | None],
+         out: torch.Tensor, scale: float = 1.0) -> None:
+    """Gradients -> out [L * chunk] (fp32), chunk by chunk; missing gradients count as zero."""
+    L, C = layout.gpus_per_node, layout.chunk
+    out.zero_()
+    chunks = out.view(L, C)  # (local index, chunk)
+    flat_plain = _flat(plain_grads, [p for _, p in layout.plain])
+    for loc in range(L):
+        for sh in layout.shards[loc]:
+            m = layout.matrices[sh.param_index]
+            g = grads[sh.param_index]
+            if g is None or sh.numel == 0:
+                continue
+            src = _shard_view(m, g.reshape(m.rows, m.cols), loc)  # (a, b)
+            chunks[loc, sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols).copy_(src)
+        lo, hi = layout.plain_bounds[loc]
+        chunks[loc, layout.plain_offset[loc]:layout.plain_offset[loc] + hi - lo].copy_(flat_plain[lo:hi])
+    if scale != 1.0:
+        out.mul_(scale)
+
+
+def _flat(grads: list[torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
+    parts = [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def unpack(layout: Layout, buf: torch.Tensor, scale: float = 1.0) -> None:
+    """buf [L * chunk] -> param.grad of every parameter (created where missing)."""
+    L, C = layout.gpus_per_node, layout.chunk
+    chunks = buf.view(L, C)
+    for i, m in enumerate(layout.matrices):
+        g2d = torch.empty(m.rows, m.cols, dtype=torch.float32)
+        for loc in range(L):
+            sh = layout.shards[loc][_position(layout, loc, i)]
+            if sh.numel:
+                _shard_view(m, g2d, loc).copy_(chunks[loc, sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols))
+        _set_grad(m.param, g2d, scale)
+    flat_plain = torch.cat([chunks[loc, layout.plain_offset[loc]:layout.plain_offset[loc] + hi - lo]
+                            for loc, (lo, hi) in enumerate(layout.plain_bounds)]) if layout.plain else None
+    offset = 0
+    for _, p in layout.plain:
+        _set_grad(p, flat_plain[offset:offset + p.numel()], scale)
+        offset += p.numel()
+
+
+def _position(layout: Layout, loc: int, param_index: int) -> int:
+    # Shards of a chunk are reordered (compressed first); this maps back. Built lazily, cached.
+    cache = layout.__dict__.setdefault("_pos", {})
+    if loc not in cache:
+        cache[loc] = {sh.param_index: j for j, sh in enumerate(layout.shards[loc])}
+    return cache[loc][param_index]
+
+
+def _set_grad(p: nn.Parameter, value: torch.Tensor, scale: float) -> None:
+    value = value.reshape(p.shape)
+    if scale != 1.0:
+        value = value * scale
+    if p.grad is None:
+        p.grad = value.to(device=p.device, dtype=p.dtype).clone()
+    else:
+        p.grad.copy_(value)
+
+
+@dataclass
+class PowerSGDExchange:
+    """The GradientHook of docs/DESIGN.md: call `after_backward(model)` after the last micro-batch's
+    backward and before the optimizer step; skip the step when it returns False.
+
+    With `compress=False` the same hierarchical exchange runs uncompressed (reduce-scatter, fp32
+    all-reduce across machines, all-gather): plain data parallelism, with per-level byte counts.
+    """
+
+    model: nn.Module
+    comm: Comm
+    rank: int  # the paper's r for the full matrix; each shard uses shard_rank(rank)
+    compress: bool = True
+    seed: int = 0
+    eps: float = 1e-6
+    uncompressed: list[str] = field(default_factory=list)
+    steps: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        g = self.comm.groups
+        self.L, self.M, self.loc = g.gpus_per_node, g.machines, g.local_index
+        self.rank_per_shard = shard_rank(self.rank)
+        # One machine: nothing crosses the network, so compression would only lose accuracy.
+        self.compressing = self.compress and self.M > 1
+        self.layout = build_layout(self.model, self.L, self.rank_per_shard, self.uncompressed, self.compressing)
+        self._mine = [sh for sh in self.layout.shards[self.loc] if sh.rank > 0]
+        self.error = torch.zeros(self.layout.compressed_numel[self.loc])  # this rank's E, all shards
+        self._q = [self._draw_q(sh) for sh in self._mine]  # Q [b, s], fixed for the whole run
+        self._buf = torch.zeros(self.L * self.layout.chunk)  # packed gradients [L * chunk]
+        self._chunk = torch.zeros(self.layout.chunk)
+
+    # ---- set-up ----
+    def _draw_q(self, sh: _Shard) -> torch.Tensor:
+        # Same (seed, parameter, local index) -> same Q on every machine, so the all-reduced P = sum E Q
+        # is the projection of the summed errors.
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + sh.param_index) * 1_009 + self.loc)
+        return torch.randn(sh.cols, sh.rank, generator=gen)  # (b, s)
+
+    def _error_view(self, j: int) -> torch.Tensor:
+        sh = self._mine[j]
+        return self.error[sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols)  # (a, b)
+
+    # ---- the exchange ----
+    @torch.no_grad()
+    def after_backward(self, model: Any = None, grad_scale: float = 1.0) -> bool:
+        """Average every gradient over all ranks in place (compressed across machines).
+
+        `grad_scale`: a loss scale the gradients still carry; the error buffers hold unscaled values.
+        Returns False (on every rank) when a gradient anywhere was non-finite; the gradients are
+        then zeroed so the next accumulation starts clean.
+        """
+        lay = self.layout
+        pack(lay, [m.param.grad for m in lay.matrices], [p.grad for _, p in lay.plain], self._buf, 1.0 / grad_scale)
+        chunk = self._chunk
+        self.comm.reduce_scatter(chunk, self._buf, "intra", "grad.reduce_scatter")
+        chunk.div_(self.L)  # (chunk,) machine-averaged gradient of this rank's shards
+        if self.comm.any_everywhere(not bool(torch.isfinite(chunk).all()), "nonfinite"):
+            for p in [m.param for m in lay.matrices] + [p for _, p in lay.plain]:
+                if p.grad is not None:
+                    p.grad.zero_()
+            self.skipped += 1
+            return False
+        start = lay.compressed_numel[self.loc] if self.compressing else 0
+        if self.compressing and self._mine:
+            self._compressed_exchange(chunk)
+        tail = chunk[start:]  # (chunk - start,) dense: plain slice, incompressible shards, padding
+        self.comm.all_reduce(tail, "inter", "dense" if self.compressing else "grad.all_reduce")
+        tail.div_(self.M)
+        self.comm.all_gather(self._buf, chunk, "intra", "grad.all_gather")
+        unpack(lay, self._buf, grad_scale)
+        self.steps += 1
+        return True
+
+    def _compressed_exchange(self, chunk: torch.Tensor) -> None:
+        n = self.layout.compressed_numel[self.loc]
+        self.error.add_(chunk[:n])  # E += G
+        errs = [self._error_view(j) for j in range(len(self._mine))]
+        p_flat = torch.cat([(e @ q).reshape(-1) for e, q in zip(errs, self._q)])  # sum_j a_j s_j
+        self.comm.all_reduce(p_flat, "inter", "powersgd.p")
+        ps, off = [], 0
+        for sh in self._mine:
+            ps.append(orthogonalise(p_flat[off:off + sh.rows * sh.rank].view(sh.rows, sh.rank), self.eps))  # (a, s)
+            off += sh.rows * sh.rank
+        q_flat = torch.cat([(e.T @ p).reshape(-1) for e, p in zip(errs, ps)])  # sum_j b_j s_j
+        self.comm.all_reduce(q_flat, "inter", "powersgd.q")
+        off = 0
+        for sh, e, p in zip(self._mine, errs, ps):
+            q = q_flat[off:off + sh.cols * sh.rank].view(sh.cols, sh.rank)  # (b, s), summed over machines
+            off += sh.cols * sh.rank
+            update = p @ q.T / self.M  # (a, b): the machines' mean, projected on P
+            e.sub_(update)
+            chunk[sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols).copy_(update)
+
+    # ---- checkpointing (collective: every rank calls these) ----
+    def state_dict(self) -> dict[str, Any]:
+        """Error buffers summed over machines, reassembled into full per-parameter matrices."""
+        err_sum = self.error.clone()
+        self.comm.all_reduce(err_sum, "inter", "state.error_sum")
+        width = max(self.layout.compressed_numel) if self.layout.compressed_numel else 0
+        mine = torch.zeros(width)
+        mine[:err_sum.numel()] = err_sum
+        everyone = torch.zeros(self.L * width)  # (local index, width)
+        self.comm.all_gather(everyone, mine, "intra", "state.error_gather")
+        everyone = everyone.view(self.L, width)
+        errors: dict[str, torch.Tensor] = {}
+        for loc in range(self.L):
+            for sh in self.layout.shards[loc]:
+                if sh.rank == 0:
+                    continue
+                m = self.layout.matrices[sh.param_index]
+                full = errors.setdefault(m.name, torch.zeros(m.rows, m.cols))
+                _shard_view(m, full, loc).copy_(everyone[loc, sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols))
+        return {"version": 1, "error_sum": errors, "machines": self.M, "gpus_per_node": self.L,
+                "rank": self.rank, "seed": self.seed, "compress": self.compressing,
+                "steps": self.steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take rank 0's summed error buffers, divide by the number of machines, keep our shard."""
+        if not isinstance(state, dict) or state.get("version") != 1 or "error_sum" not in state:
+            raise ConfigError("the checkpoint's PowerSGD state is missing or from another version; resume with "
+                              "--checkpoint.resume=none or from a checkpoint written by this megadalle")
+        self.steps, self.skipped = int(state.get("steps", 0)), int(state.get("skipped", 0))
+        saved: dict[str, torch.Tensor] = state["error_sum"]
+        self.error.zero_()
+        if not self.compressing:
+            return
+        names = {m.name: m for m in self.layout.matrices}
+        unknown = sorted(set(saved) - set(names))
+        if unknown:
+            raise ConfigError(f"the checkpoint's PowerSGD error buffers name parameters this model lacks "
+                              f"({', '.join(unknown[:5])}); the model changed since the checkpoint was written")
+        mine = {sh.param_index: j for j, sh in enumerate(self._mine)}
+        # Every rank walks the same list of matrices so that the broadcasts pair up.
+        for i, m in enumerate(self.layout.matrices):
+            full = saved.get(m.name)
+            if full is None:
+                full = torch.zeros(m.rows, m.cols)  # the checkpoint sent this one uncompressed
+            elif tuple(full.shape) != (m.rows, m.cols):
+                raise ConfigError(f"PowerSGD error buffer {m.name} has shape {tuple(full.shape)} in the checkpoint "
+                                  f"but the model's is {(m.rows, m.cols)}; the model changed since the checkpoint")
+            full = full.float().clone()
+            self.comm.broadcast(full, 0, "world", "state.error_broadcast")
+            if i in mine:
+                self._error_view(mine[i]).copy_(_shard_view(m, full, self.loc) / self.M)
+
+
+def build_exchange(model: nn.Module, cfg: DistributedConfig, d_model: int, comm: Comm) -> PowerSGDExchange:
+    """The exchange from the config; `rank` 0 means the paper's rank scaled to d_model."""
+    pcfg = cfg.powersgd
+    return PowerSGDExchange(model, comm, rank=pcfg.rank or default_rank(d_model), compress=pcfg.enabled,
+                            seed=pcfg.seed, eps=pcfg.orth_eps, uncompressed=list(pcfg.uncompressed))
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed integration
+# --------------------------------------------------------------------------------------------
+
+SUPPORTED_ZERO_STAGES = (0, 1)
+
+
+def check_supported(zero_stage: int, precision_mode: str) -> None:
+    """Refuse the combinations whose gradient reduction we cannot take over from DeepSpeed."""
+    if zero_stage not in SUPPORTED_ZERO_STAGES:
+        raise ConfigError(
+            f"distributed.powersgd.enabled=true works with distributed.zero_stage 0 or 1, not {zero_stage}: "
+            f"ZeRO-2/3 reduce each gradient inside DeepSpeed's backward hooks over all ranks, which would "
+            f"send it uncompressed between machines. Set --distributed.zero_stage=1 (optimizer states stay "
+            f"partitioned) or --distributed.powersgd.enabled=false")
+    if precision_mode == "fp16":
+        raise ConfigError(
+            "distributed.powersgd.enabled=true does not work with precision.mode=fp16: DeepSpeed's global "
+            "loss scaler would never learn about the steps the exchange skips. Use precision.mode=bf16, "
+            "fp32 or fp16_per_resblock")
+
+
+class DeepSpeedExchange:
+    """`PowerSGDExchange` wired into a DeepSpeed engine: the GradientHook the trainer calls.
+
+    ZeRO-0: the engine's own all-reduce is switched off (`enable_backward_allreduce`); the optimizer
+    reads param.grad, which the exchange fills with the averaged gradient.
+    ZeRO-1 (DeepSpeedZeroOptimizer without overlap_comm): with `enable_backward_allreduce` off,
+    backward leaves gradients local on every rank and no bucket is reduced. After the exchange every
+    rank holds the same averaged gradient, so the optimizer's end-of-backward epilogue, which only
+    copies this rank's partition out of param.grad into `averaged_gradients`, is exactly what a
+    reduction would have produced; we run that epilogue and nothing else.
+    """
+
+    def __init__(self, engine: Any, exchange: PowerSGDExchange) -> None:
+        self.engine, self.exchange = engine, exchange
+        stage = engine.zero_optimization_stage()
+        opt = engine.optimizer
+        if stage == 1:
+            from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+            if not isinstance(opt, DeepSpeedZeroOptimizer) or getattr(opt, "overlap_comm", False):
+                raise ConfigError(
+                    f"PowerSGD with ZeRO-1 needs DeepSpeed's ZeRO optimizer without overlap_comm, got "
+                    f"{type(opt).__name__} (overlap_comm={getattr(opt, 'overlap_comm', None)}); with bf16 use "
+                    f"zero_stage 0, or keep zero_optimization.overlap_comm false")
+        elif stage != 0:
+            check_supported(stage, "fp32")
+        if type(opt).__name__ == "FP16_Optimizer" and getattr(opt, "dynamic_loss_scale", False):
+            check_supported(0, "fp16")
+        self.stage = stage
+        engine.enable_backward_allreduce = False
+
+    def after_backward(self, model: Any = None) -> bool:
+        ok = self.exchange.after_backward(self.engine.module)
+        if ok and self.stage == 1:
+            opt = self.engine.optimizer
+            opt.set_gradient_accumulation_boundary(True)
+            opt.independent_gradient_partition_epilogue()
+        return ok
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.exchange.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.exchange.load_state_dict(state)

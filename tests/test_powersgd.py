@@ -1,0 +1,356 @@
+"""PowerSGD exchange with 4 real gloo processes as 2 machines x 2 ranks, on real DeepSpeed engines.
+
+All distributed checks run in ONE launch (a 4-process launch costs 10-30 s on 2 cores); each rank
+writes what it measured to a JSON file and the tests below assert on those files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from megadalle.config import ConfigError
+from megadalle.distributed.powersgd import (
+    build_layout, check_supported, default_rank, orthogonalise, predicted_compression_rate, shard_rank)
+
+WORLD, GPUS_PER_NODE = 4, 2
+VOCAB, DIM, SEQ, BATCH = 64, 128, 16, 8
+STEPS = 40  # loss-gap comparison
+LR = 3e-3
+
+
+class TinyLM(nn.Module):
+    """A transformer-shaped model: embeddings, attention-sized and MLP-sized matrices, gains,
+    biases and an unembedding, at the tiny preset's width (d_model 128)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.pos_embed = nn.Parameter(torch.randn(SEQ, DIM) * 0.02)
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            self.blocks.append(nn.ModuleDict({
+                "norm1": nn.LayerNorm(DIM), "qkv": nn.Linear(DIM, 3 * DIM), "proj": nn.Linear(DIM, DIM),
+                "norm2": nn.LayerNorm(DIM), "fc1": nn.Linear(DIM, 4 * DIM), "fc2": nn.Linear(4 * DIM, DIM)}))
+        self.norm = nn.LayerNorm(DIM)
+        self.to_logits = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos_embed  # (B, S, D)
+        mask = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["norm1"](x)).chunk(3, dim=-1)  # 3 x (B, S, D), one head
+            att = (q @ k.transpose(1, 2) / math.sqrt(DIM)).masked_fill(~mask, float("-inf")).softmax(-1)
+            x = x + b["proj"](att @ v)
+            x = x + b["fc2"](torch.nn.functional.gelu(b["fc1"](b["norm2"](x))))
+        logits = self.to_logits(self.norm(x))  # (B, S, V)
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    """Sequences following a fixed random successor table with 10% noise: learnable, per-rank data."""
+    table = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    toks = torch.empty(BATCH, SEQ, dtype=torch.long)
+    toks[:, 0] = torch.randint(VOCAB, (BATCH,), generator=g)
+    for t in range(1, SEQ):
+        noise = torch.rand(BATCH, generator=g) < 0.1
+        toks[:, t] = torch.where(noise, torch.randint(VOCAB, (BATCH,), generator=g), table[toks[:, t - 1]])
+    return toks
+
+
+# --------------------------------------------------------------------------------------------
+# The 4-process worker
+# --------------------------------------------------------------------------------------------
+
+def _engine(stage: int, seed: int = 0, optimizer: str = "AdamW"):
+    import deepspeed
+
+    torch.manual_seed(seed)  # same initial weights on every rank
+    model = TinyLM()
+    params = {"lr": LR, "weight_decay": 0.0, "torch_adam": True} if optimizer == "AdamW" else {"lr": 0.2, "momentum": 0.9}
+    cfg = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
+           "optimizer": {"type": optimizer, "params": params},
+           "zero_optimization": {"stage": stage, "overlap_comm": False}, "steps_per_print": 10 ** 9,
+           "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                      dist_init_required=False)
+    return engine
+
+
+def _hook(engine, comm, compress: bool):
+    from megadalle.distributed.powersgd import DeepSpeedExchange, PowerSGDExchange
+
+    ex = PowerSGDExchange(engine.module, comm, rank=default_rank(DIM), compress=compress, seed=0,
+                          uncompressed=["*embed*", "*logits*"])
+    return DeepSpeedExchange(engine, ex)
+
+
+def _flat_params(engine) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in engine.module.parameters()])
+
+
+def _global_mean(x: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([x])
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def _train(engine, hook, rank: int, steps: range, nan_at: int = -1) -> list[float]:
+    losses = []
+    for step in steps:
+        loss = engine(_batch(rank, step))
+        engine.backward(loss)
+        if hook is not None:
+            if step == nan_at and rank == WORLD - 1:
+                next(engine.module.parameters()).grad.view(-1)[0] = float("nan")
+            if not hook.after_backward(engine):
+                losses.append(float("nan"))
+                continue
+        engine.step()
+        losses.append(_global_mean(loss.item()))
+    return losses
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from megadalle.distributed.comm import Comm
+    from megadalle.distributed.groups import build_groups
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    out: dict = {}
+    groups = build_groups(gpus_per_node=GPUS_PER_NODE)
+    comm = Comm(groups)
+
+    # -- groups: who is in my intra / inter group, seen through a real all-reduce of rank bits
+    bits = torch.tensor([float(2 ** rank)])
+    dist.all_reduce(bits, group=groups.intra)
+    inter_bits = torch.tensor([float(2 ** rank)])
+    dist.all_reduce(inter_bits, group=groups.inter)
+    out["groups"] = {"machine": groups.machine, "local": groups.local_index, "intra_bits": int(bits.item()),
+                     "inter_bits": int(inter_bits.item()), "machines": groups.machines}
+
+    # -- 1. compression off == plain DeepSpeed data parallelism (ZeRO-0 and ZeRO-1). SGD keeps the
+    # comparison linear in the gradients; Adam would blow float rounding of near-zero gradients up
+    # to the size of the learning rate.
+    for stage in (0, 1):
+        plain = _engine(stage, optimizer="SGD")
+        start = _flat_params(plain)
+        _train(plain, None, rank, range(3))
+        ours = _engine(stage, optimizer="SGD")
+        _train(ours, _hook(ours, comm, compress=False), rank, range(3))
+        out[f"off_vs_plain_stage{stage}"] = (_flat_params(plain) - _flat_params(ours)).abs().max().item()
+        out[f"moved_stage{stage}"] = (_flat_params(ours) - start).abs().max().item()
+
+    # -- 2. loss after STEPS steps and inter-machine bytes, off vs on
+    comm_off, comm_on = Comm(groups), Comm(groups)
+    off = _engine(0)
+    loss_off = _train(off, _hook(off, comm_off, compress=False), rank, range(STEPS))
+    on = _engine(0)
+    hook_on = _hook(on, comm_on, compress=True)
+    loss_on = _train(on, hook_on, rank, range(STEPS))
+    compressed_numel = hook_on.exchange.layout.compressed_numel[groups.local_index]
+    out["loss"] = {"off": loss_off, "on": loss_on}
+    out["bytes"] = {"off_inter": comm_off.bytes("inter") / STEPS, "on_inter": comm_on.bytes("inter") / STEPS,
+                    "on_pq": comm_on.bytes("inter", "powersgd") / STEPS,
+                    "on_dense": comm_on.bytes("inter", "dense") / STEPS,
+                    "off_intra": comm_off.bytes("intra") / STEPS, "on_intra": comm_on.bytes("intra") / STEPS,
+                    "compressed_numel": compressed_numel}
+
+    # -- 3. resume with error buffers: uninterrupted vs save at k / load into fresh engines. SGD with
+    # momentum (restored from DeepSpeed's checkpoint) for the same reason as in 1.
+    ckpt = Path(outdir) / "ckpt"
+    k, n = 4, 8
+    straight = _engine(0, optimizer="SGD")
+    h = _hook(straight, Comm(groups), True)
+    _train(straight, h, rank, range(k))
+    straight.save_checkpoint(str(ckpt), tag="k", client_state={"powersgd": h.state_dict()})
+    _train(straight, h, rank, range(k, n))
+    saved_state = h.state_dict()
+    for load_errors in (True, False):
+        resumed = _engine(0, seed=99, optimizer="SGD")  # different init: everything must come from the checkpoint
+        h2 = _hook(resumed, Comm(groups), True)
+        _, client = resumed.load_checkpoint(str(ckpt), tag="k")
+        if load_errors:
+            h2.load_state_dict(client["powersgd"])
+        _train(resumed, h2, rank, range(k, n))
+        diff = (_flat_params(straight) - _flat_params(resumed)).abs().max().item()
+        out["resume_with_errors" if load_errors else "resume_without_errors"] = diff
+        if load_errors:
+            resumed_state = h2.state_dict()
+            out["resume_error_sum_diff"] = max(
+                (saved_state["error_sum"][k_] - resumed_state["error_sum"][k_]).abs().max().item()
+                for k_ in saved_state["error_sum"])
+    out["error_sum_norm"] = sum(v.norm().item() for v in saved_state["error_sum"].values())
+
+    # -- 4. a NaN on one rank skips the step on every rank, leaving weights and error buffers alone
+    before_p, before_e = _flat_params(on), hook_on.exchange.error.clone()
+    losses = _train(on, hook_on, rank, range(STEPS, STEPS + 1), nan_at=STEPS)
+    out["skip"] = {"returned_skip": math.isnan(losses[0]), "skipped": hook_on.exchange.skipped,
+                   "params_unchanged": bool(torch.equal(before_p, _flat_params(on))),
+                   "errors_unchanged": bool(torch.equal(before_e, hook_on.exchange.error)),
+                   "grads_zeroed": all(p.grad is None or not p.grad.any() for p in on.module.parameters())}
+    after = _train(on, hook_on, rank, range(STEPS + 1, STEPS + 2))
+    out["skip"]["finite_after"] = math.isfinite(after[0])
+
+    Path(outdir, f"rank{rank}.json").write_text(json.dumps(out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("powersgd")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+# --------------------------------------------------------------------------------------------
+# Assertions on what the 4 ranks measured
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_groups_are_machines_and_local_indices(results):
+    for r, res in enumerate(results):
+        g = res["groups"]
+        assert (g["machine"], g["local"], g["machines"]) == (r // 2, r % 2, 2)
+        assert g["intra_bits"] == sum(2 ** x for x in (2 * (r // 2), 2 * (r // 2) + 1))  # {0,1} or {2,3}
+        assert g["inter_bits"] == 2 ** (r % 2) + 2 ** (r % 2 + 2)  # {0,2} or {1,3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_compression_off_matches_plain_deepspeed(results, stage):
+    for res in results:
+        assert res[f"moved_stage{stage}"] > 1e-3  # training really changed the weights...
+        assert res[f"off_vs_plain_stage{stage}"] < 1e-5  # ...identically to DeepSpeed's own all-reduce
+
+
+@pytest.mark.slow
+def test_inter_machine_bytes_and_loss_with_compression(results):
+    res = results[0]
+    b = res["bytes"]
+    # Uncompressed bytes of the matrices PowerSGD handles = off-mode total minus what stays dense.
+    matrices_off = b["off_inter"] - b["on_dense"]
+    assert abs(matrices_off - 4 * b["compressed_numel"]) < 0.01 * matrices_off  # fp32, all-reduce over 2
+    assert b["on_pq"] <= 0.20 * matrices_off
+    assert b["on_inter"] < b["off_inter"]
+    assert b["on_intra"] == b["off_intra"]  # nothing compressed inside a machine
+    # Ring formulas with 2 ranks per level: reduce-scatter + all-gather inside (S/2 each of the
+    # 2-chunk buffer) equal one all-reduce of a chunk across; +4 bytes each for the skip flag.
+    assert b["off_intra"] - 4 == 2 * (b["off_inter"] - 4)
+    off, on = res["loss"]["off"], res["loss"]["on"]
+    assert off[-1] < 0.7 * off[0]  # it learned
+    tail_off, tail_on = sum(off[-5:]) / 5, sum(on[-5:]) / 5
+    assert abs(tail_on - tail_off) <= 0.03 * tail_off
+    for other in results[1:]:
+        assert other["loss"] == res["loss"]  # global means: identical on every rank
+
+
+@pytest.mark.slow
+def test_resume_with_error_buffers_is_exact(results):
+    for res in results:
+        assert res["error_sum_norm"] > 0
+        assert res["resume_with_errors"] < 1e-6
+        assert res["resume_error_sum_diff"] < 1e-6
+        # The buffers matter: dropping them changes the trajectory by far more.
+        assert res["resume_without_errors"] > 100 * max(res["resume_with_errors"], 1e-9)
+
+
+@pytest.mark.slow
+def test_nonfinite_skips_on_every_rank(results):
+    for res in results:
+        s = res["skip"]
+        assert s == {"returned_skip": True, "skipped": 1, "params_unchanged": True, "errors_unchanged": True,
+                     "grads_zeroed": True, "finite_after": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Single-process checks
+# --------------------------------------------------------------------------------------------
+
+def _gram_schmidt(p: torch.Tensor) -> torch.Tensor:
+    q = torch.zeros_like(p)
+    for j in range(p.shape[1]):
+        v = p[:, j] - q[:, :j] @ (q[:, :j].T @ p[:, j])
+        q[:, j] = v / v.norm()
+    return q
+
+
+@pytest.mark.parametrize("cond", [1e3, 1e6])
+def test_householder_stays_orthogonal_where_gram_schmidt_does_not(cond):
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(256, 16, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    p = u @ torch.diag(torch.logspace(0, -math.log10(cond), 16)) @ v.T  # (256, 16), condition number `cond`
+    eye = torch.eye(16)
+    house = (orthogonalise(p, 1e-6).T @ orthogonalise(p, 1e-6) - eye).abs().max().item()
+    gs = (_gram_schmidt(p).T @ _gram_schmidt(p) - eye).abs().max().item()
+    assert house < 1e-5
+    assert gs > 100 * house
+
+
+def test_orthogonalise_handles_zero_and_repeated_columns():
+    for p in (torch.zeros(64, 8), torch.ones(64, 8), torch.randn(64, 1).repeat(1, 8)):
+        q = orthogonalise(p, 1e-6)
+        assert torch.isfinite(q).all()
+        assert (q.T @ q - torch.eye(8)).abs().max() < 1e-4
+
+
+def test_rank_defaults_and_paper_formula():
+    assert default_rank(3968) == 896 and shard_rank(896) == 112
+    # The general formula gives the paper's 1 - 5r/(8 d) with 8 GPUs per machine...
+    assert predicted_compression_rate(112, 3968, 8) == pytest.approx(1 - 5 * 896 / (8 * 3968))
+    assert predicted_compression_rate(112, 3968, 8) == pytest.approx(0.859, abs=1e-3)
+    # ...and, with 2 simulated GPUs per machine at the tiny width, 1 - 2 s / d.
+    assert predicted_compression_rate(shard_rank(default_rank(128)), 128, 2) == pytest.approx(1 - 2 * 4 / 128)
+
+
+def test_layout_matches_formula_on_transformer_matrices():
+    """Counting from the layout itself: attention d x d and MLP d x 4d shards at rank s send the
+    fraction the formula predicts."""
+    d, L, s = 128, 2, 4
+    layer = nn.ModuleDict({f"att{i}": nn.Linear(d, d, bias=False) for i in range(4)})
+    layer["fc1"], layer["fc2"] = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+    lay = build_layout(layer, L, s, uncompressed=[])
+    dense = sum(sh.numel for loc in range(L) for sh in lay.shards[loc])
+    sent = sum((sh.rows + sh.cols) * sh.rank for loc in range(L) for sh in lay.shards[loc])
+    assert all(sh.rank == s for loc in range(L) for sh in lay.shards[loc])
+    assert 1 - sent / dense == pytest.approx(predicted_compression_rate(s, d, L))
+
+
+def test_plain_parameters_are_never_compressed():
+    lay = build_layout(TinyLM(), 2, 4, uncompressed=["*embed*", "*logits*"])
+    plain = {n for n, _ in lay.plain}
+    assert {"embed.weight", "pos_embed", "to_logits.weight", "to_logits.bias", "norm.weight"} <= plain
+    assert {m.name for m in lay.matrices} == {f"blocks.{i}.{n}.weight" for i in range(2)
+                                              for n in ("qkv", "proj", "fc1", "fc2")}
+
+
+@pytest.mark.parametrize("stage, mode, fragment", [
+    (2, "bf16", "zero_stage 0 or 1"), (3, "fp32", "zero_stage 0 or 1"), (0, "fp16", "precision.mode=fp16")])
+def test_unsupported_combinations_are_refused(stage, mode, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        check_supported(stage, mode)
+    check_supported(1, "bf16")  # the supported ones pass
