@@ -29,37 +29,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadalle.config import load_config  # noqa: E402
 from megadalle.distributed.powersgd import (  # noqa: E402
-    PAPER_GPUS_PER_NODE, default_rank, predicted_compression_rate, shard_rank)
+    PAPER_GPUS_PER_NODE, default_rank, predicted_compression_rate)
+from megadalle.transformer.model import DALLETransformer  # noqa: E402
 
 
-class StandInTransformer(nn.Module):
-    """Causal LM from torch's own transformer layers at the tiny preset's sizes (used while
-    megadalle.transformer has no model): what matters here is the set of gradient shapes."""
+class TransformerLoss(nn.Module):
+    """The preset's DALL-E transformer; forward returns the training loss."""
 
-    def __init__(self, dim: int, depth: int, heads: int, vocab: int, seq: int) -> None:
+    def __init__(self, cfg) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.pos_embed = nn.Parameter(torch.randn(seq, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.to_logits = nn.Linear(dim, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+        self.model = DALLETransformer(cfg)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens) + self.pos_embed  # (B, S, D)
-        logits = self.to_logits(self.blocks(x, mask=self.mask, is_causal=True))  # (B, S, V)
-        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    def forward(self, text: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(text, codes)["loss"]
 
 
-def make_batch(rank: int, step: int, batch: int, seq: int, vocab: int) -> torch.Tensor:
-    """Token sequences from a fixed Markov chain (learnable), different on every rank and step."""
-    nxt = torch.randint(vocab, (vocab, 4), generator=torch.Generator().manual_seed(7))  # 4 likely successors
+def make_batch(cfg, rank: int, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token streams from a fixed Markov chain (4 likely successors per token: learnable), split
+    into text (B, text_len) without padding and image codes (B, image_len); different on every
+    rank and step."""
+    V = cfg.text_vocab_size
+    nxt = torch.randint(1, V, (V, 4), generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(100_003 * step + rank)
-    toks = torch.empty(batch, seq, dtype=torch.long)
-    toks[:, 0] = torch.randint(vocab, (batch,), generator=g)
-    for t in range(1, seq):
+    toks = torch.empty(batch, cfg.text_len + cfg.image_len, dtype=torch.long)
+    toks[:, 0] = torch.randint(1, V, (batch,), generator=g)
+    for t in range(1, toks.shape[1]):
         toks[:, t] = nxt[toks[:, t - 1], torch.randint(4, (batch,), generator=g)]
-    return toks
+    return toks[:, :cfg.text_len], toks[:, cfg.text_len:] % cfg.image_vocab_size
 
 
 def run_mode(args, groups, rank: int, compress: bool) -> dict:
@@ -72,7 +68,7 @@ def run_mode(args, groups, rank: int, compress: bool) -> dict:
     cfg = load_config(args.preset)
     t = cfg.transformer
     torch.manual_seed(0)
-    model = StandInTransformer(t.dim, t.depth, t.heads, args.vocab, args.seq)
+    model = TransformerLoss(t)
     ds_cfg = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0, "torch_adam": True}},
               "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
@@ -80,13 +76,13 @@ def run_mode(args, groups, rank: int, compress: bool) -> dict:
                                       dist_init_required=False)
     comm = Comm(groups)
     rank_r = cfg.distributed.powersgd.rank or default_rank(t.dim)
-    exchange = PowerSGDExchange(engine.module, comm, rank=rank_r, compress=compress,
+    exchange = PowerSGDExchange(engine.module, comm, rank=rank_r, compress=compress, rank_per_shard=args.shard_rank,
                                 uncompressed=list(cfg.distributed.powersgd.uncompressed))
     hook = DeepSpeedExchange(engine, exchange)
     losses, times = [], []
     for step in range(args.steps):
         t0 = time.perf_counter()
-        loss = engine(make_batch(rank, step, args.batch, args.seq, args.vocab))
+        loss = engine(*make_batch(t, rank, step, args.batch))
         engine.backward(loss)
         if hook.after_backward(engine):
             engine.step()
@@ -116,10 +112,13 @@ def worker(rank: int, args, port: int) -> None:
 
     dist.init_process_group("gloo", rank=rank, world_size=args.world, timeout=datetime.timedelta(seconds=300))
     groups = build_groups(args.gpus_per_node)
+    args.shard_rank = 0
     off = run_mode(args, groups, rank, compress=False)
-    on = run_mode(args, groups, rank, compress=True)
-    if rank == 0:
-        report(args, groups.machines, off, on)
+    for sr in args.shard_ranks:
+        args.shard_rank = sr
+        on = run_mode(args, groups, rank, compress=True)
+        if rank == 0:
+            report(args, groups.machines, off, on)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -167,10 +166,9 @@ def main() -> None:
     p.add_argument("--gpus-per-node", type=int, default=2)
     p.add_argument("--preset", default="tiny", help="config preset giving the transformer widths")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--shard-ranks", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="benchmarks/results/compression.json")
     args = p.parse_args()
     if args.world % args.gpus_per_node:

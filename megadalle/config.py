@@ -392,8 +392,9 @@ class PowerSGDConfig:
     seed: int = 0
     orth_eps: float = 1e-6
     # Parameter names (fnmatch patterns) sent uncompressed in fp32 besides every nn.Embedding and
-    # every gain/bias (< 2 dims): the unembeddings (paper: embeddings, unembeddings, gains, biases).
-    uncompressed: list[str] = field(default_factory=lambda: ["*embed*", "*logits*", "*lm_head*"])
+    # every gain/bias (< 2 dims): learned position/padding embeddings and the unembeddings
+    # (text_head, image_head). Paper: embeddings, unembeddings, gains, biases.
+    uncompressed: list[str] = field(default_factory=lambda: ["*embed*", "*head*", "*logits*"])
 
     def __post_init__(self) -> None:
         _check(self.rank >= 0, "distributed.powersgd.rank must be >= 0 (0 = derived from d_model)")

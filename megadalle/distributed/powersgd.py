@@ -36,11 +36,12 @@ shards, so we hand DeepSpeed the full averaged gradient and let its own machiner
 partition without communicating (`attach_to_engine`). The all-gather is intra-machine traffic only.
 
 Error buffers live only for this rank's compressed shards (fp32, 1/L of the compressed weights).
-In a checkpoint they are stored as the SUM over machines per local index, reassembled into full
-per-parameter matrices; on resume rank 0's copy is broadcast and each rank takes its shard / M.
-Every later step depends on the error buffers only through their sum over machines (P and Q' are
-all-reduced sums), so resume is exact up to float rounding, and it also works after changing the
-number of machines.
+In a checkpoint (per-rank files) they are stored as the SUM over machines, once per local index
+(by machine 0's rank); on resume that rank broadcasts it across machines and every rank keeps
+sum / M, as the paper does. Every later step depends on the error buffers only through their sum
+over machines (P = sum_m E_m Q and Q' = sum_m E_m^T P are all-reduced sums), so the resumed run
+follows the uninterrupted one up to float rounding, and the number of machines may change;
+the number of ranks per machine (the shard layout) may not.
 
 Byte counts come from comm.Comm (every collective passes through it).
 """
@@ -55,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megadalle.config import ConfigError, DistributedConfig
+from megadalle.config import Config, ConfigError, DistributedConfig
 from megadalle.distributed.comm import Comm
 
 # The paper's table: rank 896 at d_model 3968 with 8 GPUs per machine, i.e. 112 per GPU shard.
@@ -269,13 +270,14 @@ class PowerSGDExchange:
     seed: int = 0
     eps: float = 1e-6
     uncompressed: list[str] = field(default_factory=list)
+    rank_per_shard: int = 0  # 0: shard_rank(rank)
     steps: int = 0
     skipped: int = 0
 
     def __post_init__(self) -> None:
         g = self.comm.groups
         self.L, self.M, self.loc = g.gpus_per_node, g.machines, g.local_index
-        self.rank_per_shard = shard_rank(self.rank)
+        self.rank_per_shard = self.rank_per_shard or shard_rank(self.rank)
         # One machine: nothing crosses the network, so compression would only lose accuracy.
         self.compressing = self.compress and self.M > 1
         self.layout = build_layout(self.model, self.L, self.rank_per_shard, self.uncompressed, self.compressing)
@@ -347,57 +349,63 @@ class PowerSGDExchange:
             e.sub_(update)
             chunk[sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols).copy_(update)
 
-    # ---- checkpointing (collective: every rank calls these) ----
+    # ---- checkpointing (collective: every rank calls these, each with its own state) ----
     def state_dict(self) -> dict[str, Any]:
-        """Error buffers summed over machines, reassembled into full per-parameter matrices."""
-        err_sum = self.error.clone()
+        """This rank's entry of a per-rank checkpoint file.
+
+        The error buffers are summed over machines (one all-reduce across); only machine 0's ranks
+        keep the sum (one copy per local index, the paper's layout), the others store None.
+        """
+        err_sum = self.error.clone()  # (compressed numel of this local index,)
         self.comm.all_reduce(err_sum, "inter", "state.error_sum")
-        width = max(self.layout.compressed_numel) if self.layout.compressed_numel else 0
-        mine = torch.zeros(width)
-        mine[:err_sum.numel()] = err_sum
-        everyone = torch.zeros(self.L * width)  # (local index, width)
-        self.comm.all_gather(everyone, mine, "intra", "state.error_gather")
-        everyone = everyone.view(self.L, width)
-        errors: dict[str, torch.Tensor] = {}
-        for loc in range(self.L):
-            for sh in self.layout.shards[loc]:
-                if sh.rank == 0:
-                    continue
-                m = self.layout.matrices[sh.param_index]
-                full = errors.setdefault(m.name, torch.zeros(m.rows, m.cols))
-                _shard_view(m, full, loc).copy_(everyone[loc, sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols))
-        return {"version": 1, "error_sum": errors, "machines": self.M, "gpus_per_node": self.L,
-                "rank": self.rank, "seed": self.seed, "compress": self.compressing,
+        return {"version": 1, "gpus_per_node": self.L, "machines": self.M, "local_index": self.loc,
+                "rank": self.rank, "rank_per_shard": self.rank_per_shard, "compress": self.compressing,
+                "shards": self._signature(),
+                "error_sum": err_sum if self.comm.groups.machine == 0 else None,
                 "steps": self.steps, "skipped": self.skipped}
 
+    def _signature(self) -> list[list[Any]]:
+        return [[self.layout.matrices[sh.param_index].name, sh.rows, sh.cols] for sh in self._mine]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take rank 0's summed error buffers, divide by the number of machines, keep our shard."""
-        if not isinstance(state, dict) or state.get("version") != 1 or "error_sum" not in state:
-            raise ConfigError("the checkpoint's PowerSGD state is missing or from another version; resume with "
-                              "--checkpoint.resume=none or from a checkpoint written by this megadalle")
-        self.steps, self.skipped = int(state.get("steps", 0)), int(state.get("skipped", 0))
-        saved: dict[str, torch.Tensor] = state["error_sum"]
+        """Restore from per-rank entries: machine 0's rank of each local index broadcasts the summed
+        error buffers across machines; every rank keeps sum / M (the paper's resume).
+
+        Bad or mismatched entries raise ConfigError on EVERY rank (agreed first), never a hang."""
+        problem = self._check_state(state)
+        if self.comm.any_everywhere(bool(problem), "state.check"):
+            raise ConfigError(problem or "another rank's PowerSGD checkpoint state does not fit this run "
+                                         "(its error says why)")
+        self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
         self.error.zero_()
-        if not self.compressing:
+        if not self.compressing or not state["compress"]:
             return
-        names = {m.name: m for m in self.layout.matrices}
-        unknown = sorted(set(saved) - set(names))
-        if unknown:
-            raise ConfigError(f"the checkpoint's PowerSGD error buffers name parameters this model lacks "
-                              f"({', '.join(unknown[:5])}); the model changed since the checkpoint was written")
-        mine = {sh.param_index: j for j, sh in enumerate(self._mine)}
-        # Every rank walks the same list of matrices so that the broadcasts pair up.
-        for i, m in enumerate(self.layout.matrices):
-            full = saved.get(m.name)
-            if full is None:
-                full = torch.zeros(m.rows, m.cols)  # the checkpoint sent this one uncompressed
-            elif tuple(full.shape) != (m.rows, m.cols):
-                raise ConfigError(f"PowerSGD error buffer {m.name} has shape {tuple(full.shape)} in the checkpoint "
-                                  f"but the model's is {(m.rows, m.cols)}; the model changed since the checkpoint")
-            full = full.float().clone()
-            self.comm.broadcast(full, 0, "world", "state.error_broadcast")
-            if i in mine:
-                self._error_view(mine[i]).copy_(_shard_view(m, full, self.loc) / self.M)
+        buf = state["error_sum"].float().clone() if self.comm.groups.machine == 0 else torch.empty_like(self.error)
+        self.comm.broadcast(buf, self.loc, "inter", "state.error_broadcast")  # global rank loc = machine 0
+        self.error.copy_(buf / self.M)
+
+    def _check_state(self, state: Any) -> str:
+        keys = {"version", "gpus_per_node", "local_index", "compress", "shards", "error_sum", "steps", "skipped"}
+        if not isinstance(state, dict) or state.get("version") != 1 or not keys <= set(state):
+            return ("the checkpoint's PowerSGD state is missing or from another version; resume from a "
+                    "checkpoint written with distributed.powersgd by this megadalle, or start afresh "
+                    "(--checkpoint.resume=none)")
+        if (state["gpus_per_node"], state["local_index"]) != (self.L, self.loc):
+            return (f"the checkpoint's PowerSGD state was written with {state['gpus_per_node']} ranks per machine "
+                    f"(local index {state['local_index']}), this run has {self.L} (local index {self.loc}); "
+                    f"error buffers are sharded per local index: resume with --distributed.gpus_per_node="
+                    f"{state['gpus_per_node']}")
+        if not (self.compressing and state["compress"]):
+            return ""
+        if state["shards"] != self._signature():
+            return ("the checkpoint's PowerSGD error buffers do not match this model's compressed shards "
+                    "(the model or distributed.powersgd.rank changed); resume with the checkpoint's settings")
+        if self.comm.groups.machine == 0:
+            e = state["error_sum"]
+            if not isinstance(e, torch.Tensor) or e.shape != self.error.shape:
+                return (f"the checkpoint's PowerSGD error sum for local index {self.loc} is missing or has the "
+                        f"wrong size; the checkpoint is damaged or from another model")
+        return ""
 
 
 def build_exchange(model: nn.Module, cfg: DistributedConfig, d_model: int, comm: Comm) -> PowerSGDExchange:
@@ -439,28 +447,34 @@ class DeepSpeedExchange:
     rank holds the same averaged gradient, so the optimizer's end-of-backward epilogue, which only
     copies this rank's partition out of param.grad into `averaged_gradients`, is exactly what a
     reduction would have produced; we run that epilogue and nothing else.
+    ZeRO-2/3 reduce inside per-parameter backward hooks and are refused (`check_supported`).
+
+    `previous`: another GradientHook (e.g. per-resblock scaling, which unscales) that runs first;
+    when it skips the step, no gradient is exchanged.
     """
 
-    def __init__(self, engine: Any, exchange: PowerSGDExchange) -> None:
-        self.engine, self.exchange = engine, exchange
+    def __init__(self, engine: Any, exchange: PowerSGDExchange, previous: Any = None) -> None:
+        self.engine, self.exchange, self.previous = engine, exchange, previous
         stage = engine.zero_optimization_stage()
         opt = engine.optimizer
         if stage == 1:
             from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-            if not isinstance(opt, DeepSpeedZeroOptimizer) or getattr(opt, "overlap_comm", False):
+            if (not isinstance(opt, DeepSpeedZeroOptimizer) or getattr(opt, "overlap_comm", False)
+                    or getattr(opt, "use_grad_accum_attribute", False)):
                 raise ConfigError(
-                    f"PowerSGD with ZeRO-1 needs DeepSpeed's ZeRO optimizer without overlap_comm, got "
-                    f"{type(opt).__name__} (overlap_comm={getattr(opt, 'overlap_comm', None)}); with bf16 use "
-                    f"zero_stage 0, or keep zero_optimization.overlap_comm false")
+                    f"PowerSGD with ZeRO-1 needs DeepSpeed's ZeRO optimizer accumulating in param.grad without "
+                    f"overlap_comm, got {type(opt).__name__}; with bf16 use --distributed.zero_stage=0")
         elif stage != 0:
             check_supported(stage, "fp32")
-        if type(opt).__name__ == "FP16_Optimizer" and getattr(opt, "dynamic_loss_scale", False):
+        if getattr(opt, "dynamic_loss_scale", False):
             check_supported(0, "fp16")
         self.stage = stage
         engine.enable_backward_allreduce = False
 
     def after_backward(self, model: Any = None) -> bool:
+        if self.previous is not None and not self.previous.after_backward(model):
+            return False
         ok = self.exchange.after_backward(self.engine.module)
         if ok and self.stage == 1:
             opt = self.engine.optimizer
@@ -468,8 +482,29 @@ class DeepSpeedExchange:
             opt.independent_gradient_partition_epilogue()
         return ok
 
+    def metrics(self) -> dict[str, float]:
+        comm, steps = self.exchange.comm, max(1, self.exchange.steps)
+        return {"inter_bytes_per_step": comm.bytes("inter") / steps, "intra_bytes_per_step": comm.bytes("intra") / steps}
+
     def state_dict(self) -> dict[str, Any]:
-        return self.exchange.state_dict()
+        return {"powersgd": self.exchange.state_dict(),
+                "previous": self.previous.state_dict() if self.previous is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.exchange.load_state_dict(state)
+        if self.previous is not None:
+            if not isinstance(state, dict) or state.get("previous") is None:
+                raise ConfigError("the checkpoint has no state for the gradient hook that runs before PowerSGD; "
+                                  "resume with the precision settings the checkpoint was written with")
+            self.previous.load_state_dict(state["previous"])
+        self.exchange.load_state_dict(state.get("powersgd") if isinstance(state, dict) else state)
+
+
+def attach(engine: Any, cfg: Config, previous: Any = None) -> DeepSpeedExchange:
+    """The trainer's entry point, right after `deepspeed.initialize`: groups, counters, exchange,
+    and DeepSpeed's own reduction switched off. Collective (creates process groups)."""
+    from megadalle.distributed.groups import build_groups
+
+    check_supported(cfg.distributed.zero_stage, cfg.precision.mode)
+    comm = Comm(build_groups(cfg.distributed.gpus_per_node))
+    return DeepSpeedExchange(engine, build_exchange(engine.module, cfg.distributed, cfg.transformer.dim, comm),
+                             previous)
