@@ -7,7 +7,11 @@ by side: inter-machine bytes per step (counted by megadalle.distributed.comm on 
 the compression rate measured and predicted by the paper's formula generalised to L GPUs per
 machine, step time and the loss curve; writes everything to JSON.
 
-    python benchmarks/compression.py --steps 60 --out benchmarks/results/compression.json
+    python benchmarks/compression.py --steps 80 --shard-ranks 0 15 --out benchmarks/results/compression.json
+
+`--shard-ranks 0 15`: the default rank (the paper's 896 scaled to d_model, split 8 ways as in the
+paper: 4 per shard at d_model 128) and 15 per shard (the paper's rank relative to a shard's size
+with 2 GPUs per machine); off is trained once and shared.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def run_mode(args, groups, rank: int, compress: bool) -> dict:
     torch.manual_seed(0)
     model = TransformerLoss(t)
     ds_cfg = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0, "torch_adam": True}},
+              "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, args.beta2], "weight_decay": 0.0,
+                                                        "torch_adam": True}},
               "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
                                       dist_init_required=False)
@@ -84,6 +89,8 @@ def run_mode(args, groups, rank: int, compress: bool) -> dict:
         t0 = time.perf_counter()
         loss = engine(*make_batch(t, rank, step, args.batch))
         engine.backward(loss)
+        for group in engine.optimizer.param_groups:  # linear warm-up, as the paper's schedule starts
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         if hook.after_backward(engine):
             engine.step()
         times.append(time.perf_counter() - t0)
@@ -114,16 +121,22 @@ def worker(rank: int, args, port: int) -> None:
     groups = build_groups(args.gpus_per_node)
     args.shard_rank = 0
     off = run_mode(args, groups, rank, compress=False)
+    results = []
     for sr in args.shard_ranks:
         args.shard_rank = sr
         on = run_mode(args, groups, rank, compress=True)
         if rank == 0:
-            report(args, groups.machines, off, on)
+            results.append(report(args, groups.machines, off, on))
+    if rank == 0:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": " ".join(sys.argv), "runs": results}, indent=1))
+        print(f"wrote {out}")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def report(args, machines: int, off: dict, on: dict) -> None:
+def report(args, machines: int, off: dict, on: dict) -> dict:
     L, d, s, r = args.gpus_per_node, on["d_model"], on["rank_per_shard"], on["rank"]
     matrices_off = off["inter_bytes_per_step"] - on["inter_dense_bytes_per_step"]
     result = {
@@ -154,10 +167,7 @@ def report(args, machines: int, off: dict, on: dict) -> None:
     print("loss curve (every %d steps)" % every)
     print("  off: " + " ".join(f"{x:.3f}" for x in off["losses"][::every]))
     print("  on:  " + " ".join(f"{x:.3f}" for x in on["losses"][::every]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    return result
 
 
 def main() -> None:
@@ -165,10 +175,13 @@ def main() -> None:
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--gpus-per-node", type=int, default=2)
     p.add_argument("--preset", default="tiny", help="config preset giving the transformer widths")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--shard-ranks", type=int, nargs="+", default=[0])
+    p.add_argument("--beta2", type=float, default=0.96, help="the paper's transformer beta2")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--shard-ranks", type=int, nargs="+", default=[0],
+                   help="PowerSGD rank per shard of each compressed run; 0: the default, ceil(rank / 8)")
     p.add_argument("--out", default="benchmarks/results/compression.json")
     args = p.parse_args()
     if args.world % args.gpus_per_node:

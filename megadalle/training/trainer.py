@@ -175,6 +175,10 @@ class Trainer:
             dist.install_activation_checkpointing(model, self.cfg.distributed.checkpoint_every_k,
                                                   self.cfg.distributed.checkpoint_impl)
         self.engine = dist.build_engine(model, self.cfg, self.tcfg, self.deepspeed_config, self.section)
+        if self.cfg.distributed.powersgd.enabled:  # PowerSGD takes over DeepSpeed's gradient reduction
+            from megadalle.distributed import powersgd
+
+            self.gradient_hook = powersgd.attach(self.engine, self.cfg, previous=self.gradient_hook)
         self._seed(self.tcfg.seed + 1000 * (self.rank + 1))
         self.data = self.build_data()
         self.val_data = self.build_val_data()
