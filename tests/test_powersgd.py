@@ -182,7 +182,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         resumed.load_checkpoint(str(ckpt), tag="k")
         if load_errors:
             h2.load_state_dict(torch.load(state_file))
-            before, again = saved["powersgd"]["error_sum"], h2.state_dict()["powersgd"]["error_sum"]
+            before, again = saved["error_sum"], h2.state_dict()["error_sum"]
             # machine 0 holds the machines' sum of the (saved / restored) buffers, the others None
             out["resume_error_sum_diff"] = 0.0 if before is None else (again - before).abs().max().item()
             out["error_sum_norm"] = 0.0 if before is None else before.norm().item()
@@ -192,7 +192,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 
     # -- 3b. bad hook states: every rank raises a ConfigError (agreed first, no rank left hanging)
     def spoil(st: dict, on_rank: int, **change) -> dict:
-        return dict(st, powersgd=dict(st["powersgd"], **change)) if rank == on_rank else st
+        return dict(st, **change) if rank == on_rank else st
 
     bad_cases = {
         "other_layout": lambda st: spoil(st, 1, gpus_per_node=4),
@@ -226,7 +226,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     straight_dir, resumed_dir = Path(outdir) / "trainer_straight", Path(outdir) / "trainer_resumed"
     t = ToyTrainer(toy_config(straight_dir, **over), dropout=0.0)
     t.train()
-    out["trainer"] = {"hook": type(t.gradient_hook).__name__, "metrics": t.gradient_hook.metrics(),
+    out["trainer"] = {"hooks": [type(h).__name__ for h in t.gradient_hook.hooks], "metrics": t.gradient_hook.metrics(),
                       "ds_allreduce": t.engine.enable_backward_allreduce}
     ToyTrainer(toy_config(resumed_dir, **{**over, "train.steps": 3}), dropout=0.0).train()
     ToyTrainer(toy_config(resumed_dir, **over), dropout=0.0).train()
@@ -331,7 +331,7 @@ def test_nonfinite_skips_on_every_rank(results):
 @pytest.mark.slow
 def test_trainer_trains_and_resumes_with_powersgd(results):
     tr = results[0]["trainer"]
-    assert tr["hook"] == "DeepSpeedExchange" and tr["ds_allreduce"] is False
+    assert tr["hooks"] == ["DeepSpeedExchange"] and tr["ds_allreduce"] is False
     assert tr["metrics"]["inter_bytes_per_step"] > 0
     straight = {int(k): v for k, v in tr["straight"].items()}
     resumed = {int(k): v for k, v in tr["resumed"].items()}

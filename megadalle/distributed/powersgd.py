@@ -449,12 +449,12 @@ class DeepSpeedExchange:
     reduction would have produced; we run that epilogue and nothing else.
     ZeRO-2/3 reduce inside per-parameter backward hooks and are refused (`check_supported`).
 
-    `previous`: another GradientHook (e.g. per-resblock scaling, which unscales) that runs first;
-    when it skips the step, no gradient is exchanged.
+    Other gradient hooks (per-resblock scaling, which unscales) run before it in the trainer's
+    `engine.HookChain`, so a step they skip exchanges nothing.
     """
 
-    def __init__(self, engine: Any, exchange: PowerSGDExchange, previous: Any = None) -> None:
-        self.engine, self.exchange, self.previous = engine, exchange, previous
+    def __init__(self, engine: Any, exchange: PowerSGDExchange) -> None:
+        self.engine, self.exchange = engine, exchange
         stage = engine.zero_optimization_stage()
         opt = engine.optimizer
         if stage == 1:
@@ -467,14 +467,12 @@ class DeepSpeedExchange:
                     f"overlap_comm, got {type(opt).__name__}; with bf16 use --distributed.zero_stage=0")
         elif stage != 0:
             check_supported(stage, "fp32")
-        if getattr(opt, "dynamic_loss_scale", False):
+        if engine.fp16_enabled():
             check_supported(0, "fp16")
         self.stage = stage
         engine.enable_backward_allreduce = False
 
     def after_backward(self, model: Any = None) -> bool:
-        if self.previous is not None and not self.previous.after_backward(model):
-            return False
         ok = self.exchange.after_backward(self.engine.module)
         if ok and self.stage == 1:
             opt = self.engine.optimizer
@@ -487,24 +485,17 @@ class DeepSpeedExchange:
         return {"inter_bytes_per_step": comm.bytes("inter") / steps, "intra_bytes_per_step": comm.bytes("intra") / steps}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"powersgd": self.exchange.state_dict(),
-                "previous": self.previous.state_dict() if self.previous is not None else None}
+        return self.exchange.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.previous is not None:
-            if not isinstance(state, dict) or state.get("previous") is None:
-                raise ConfigError("the checkpoint has no state for the gradient hook that runs before PowerSGD; "
-                                  "resume with the precision settings the checkpoint was written with")
-            self.previous.load_state_dict(state["previous"])
-        self.exchange.load_state_dict(state.get("powersgd") if isinstance(state, dict) else state)
+        self.exchange.load_state_dict(state)
 
 
-def attach(engine: Any, cfg: Config, previous: Any = None) -> DeepSpeedExchange:
+def attach(engine: Any, cfg: Config) -> DeepSpeedExchange:
     """The trainer's entry point, right after `deepspeed.initialize`: groups, counters, exchange,
     and DeepSpeed's own reduction switched off. Collective (creates process groups)."""
     from megadalle.distributed.groups import build_groups
 
     check_supported(cfg.distributed.zero_stage, cfg.precision.mode)
     comm = Comm(build_groups(cfg.distributed.gpus_per_node))
-    return DeepSpeedExchange(engine, build_exchange(engine.module, cfg.distributed, cfg.transformer.dim, comm),
-                             previous)
+    return DeepSpeedExchange(engine, build_exchange(engine.module, cfg.distributed, cfg.transformer.dim, comm))

@@ -178,7 +178,7 @@ class Trainer:
         if self.cfg.distributed.powersgd.enabled:  # PowerSGD takes over DeepSpeed's gradient reduction
             from megadalle.distributed import powersgd
 
-            self.gradient_hook = powersgd.attach(self.engine, self.cfg, previous=self.gradient_hook)
+            self.gradient_hook = dist.HookChain(self.gradient_hook, powersgd.attach(self.engine, self.cfg))
         self._seed(self.tcfg.seed + 1000 * (self.rank + 1))
         self.data = self.build_data()
         self.val_data = self.build_val_data()
