@@ -284,6 +284,22 @@ def test_missing_extension_falls_back_to_reference_and_logs_once(monkeypatch, ca
     assert q.grad is not None
 
 
+@pytest.mark.parametrize("knob", ["MEGADALLE_JIT=0", "MEGADALLE_SKIP_EXT=1"])
+def test_no_installed_extension_and_no_jit_means_reference(monkeypatch, caplog, knob):
+    name, value = knob.split("=")
+    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bsa.extension, "EXTENSION_NAME", "megadalle.ops._not_built")
+    monkeypatch.setattr(bsa, "_ext_state", {})
+    monkeypatch.setattr(bsa, "_logged", set())
+    layout = dalle_layout("row")
+    q, k, v = qkv(layout)
+    with caplog.at_level(logging.WARNING, logger=bsa.__name__):
+        out = block_sparse_attention(q, k, v, layout)
+    assert not bsa.load_extension() and "not available" in bsa.extension_info()
+    assert any("megadalle.ops._not_built is not installed" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(out, block_sparse_attention_reference(q, k, v, layout))
+
+
 def test_transposed_layout_lists_the_same_blocks():
     for kind in KINDS:
         layout = dalle_layout(kind)

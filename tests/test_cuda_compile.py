@@ -83,6 +83,7 @@ def finished(proc: subprocess.Popen) -> str:
     return proc.communicate(timeout=600)[0]
 
 
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_kernels_compile(compiles, arch):
@@ -93,6 +94,7 @@ def test_cuda_kernels_compile(compiles, arch):
     assert "warning" not in output.lower(), f"sm_{arch}: nvcc warnings:\n{output[-6000:]}"
 
 
+@pytest.mark.slow
 @needs_nvcc
 def test_binding_cuda_branch_compiles(compiles):
     if "binding" not in compiles:

@@ -62,14 +62,16 @@ def load_extension() -> bool:
     if "loaded" in _ext_state:
         return bool(_ext_state["loaded"])
     jit = extension.env_flag("MEGADALLE_JIT")
-    no_jit = os.environ.get("MEGADALLE_JIT", "").strip() == "0"
+    # A build that skipped the extension on purpose should not compile it behind the user's back.
+    no_jit = os.environ.get("MEGADALLE_JIT", "").strip() == "0" or extension.env_flag("MEGADALLE_SKIP_EXT")
     spec = importlib.util.find_spec(extension.EXTENSION_NAME)
     try:
         if spec is not None and spec.origin and not jit:
             torch.ops.load_library(spec.origin)
             _ext_state["how"] = f"installed ({spec.origin})"
         elif no_jit:
-            raise RuntimeError("the extension is not installed and MEGADALLE_JIT=0 forbids building it")
+            raise RuntimeError(f"{extension.EXTENSION_NAME} is not installed and MEGADALLE_JIT=0 or "
+                               "MEGADALLE_SKIP_EXT=1 forbids building it")
         else:
             log.info("block-sparse attention: compiling the extension (first use; cached in %s)",
                      extension.jit_cache_dir())

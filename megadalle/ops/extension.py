@@ -9,6 +9,7 @@ Build knobs (environment):
     MEGADALLE_CUDA_ARCH="80;90"  compute capabilities of the CUDA build (default 80;90)
 Run-time knobs:
     MEGADALLE_JIT=0            never JIT-compile; without an installed extension use the reference
+                               (MEGADALLE_SKIP_EXT=1 at run time does the same)
     MEGADALLE_JIT=1            JIT-compile even when an installed extension exists (development)
     MEGADALLE_EXT_CACHE=DIR    where JIT builds are cached (default ~/.cache/megadalle/extensions)
 """
