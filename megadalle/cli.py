@@ -23,6 +23,9 @@ from megadalle.config import ConfigError, PRESETS, load_config
 # name -> (module, one-line help). Add a command here and nowhere else.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megadalle.tools.convert", "convert checkpoints (openai-dvae, ...)"),
+    "train-dvae": ("megadalle.training.dvae_trainer", "train the discrete VAE (stage 1); exports <run_dir>/dvae/"),
+    "encode": ("megadalle.dvae.encode", "turn image shards into dVAE token shards for stage 2 (parallel over ranks, resumable)"),
+    "reconstruct": ("megadalle.dvae.reconstruct", "encode and decode images with a dVAE; side-by-side PNGs"),
     "data": ("megadalle.data.data_command", "build the shapes data set as shards; check shards for bad input"),
     "tokenizer": ("megadalle.data.tokenizer_command", "train the caption BPE tokenizer; show encodings"),
     "plan": ("megadalle.distributed.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
