@@ -76,6 +76,23 @@ def test_scripts_launch_the_right_command_with_their_counts(tmp_path, name, comm
     assert hostfile[0] == f"gpu001 slots={gpus}" and len(hostfile) == nodes
 
 
+def test_deepspeed_launcher_gets_the_hostfile_and_the_network_env(tmp_path):
+    env = _env(tmp_path, LAUNCHER="deepspeed", SLURM_JOB_NODELIST="gpu001,gpu002,gpu003,gpu004,gpu005,gpu006,"
+               "gpu007,gpu008", SLURM_JOB_NUM_NODES=8, NCCL_IB_HCA="mlx5_0")
+    r = subprocess.run(["bash", str(SLURM / "dvae_multinode.sbatch"), "--preset", "small"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "slurm.log").read_text()
+    hostfile = tmp_path / "runs/slurm/777/hostfile"
+    assert (f"deepspeed --hostfile {hostfile} --num_nodes 8 --num_gpus 8 --master_addr gpu001 --master_port "
+            in log)
+    assert "--no_local_rank --module megadalle train-dvae --preset small" in log
+    ds_env = log.split("ds_env ", 1)[1]
+    # env.sh's settings and the user's own NCCL choice reach every rank through the env file.
+    assert "NCCL_SOCKET_IFNAME=^lo,docker0" in ds_env and "NCCL_IB_HCA=mlx5_0" in ds_env
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in ds_env and "MEGADALLE_STOP_AT=" in ds_env
+
+
 @pytest.mark.parametrize("command", sorted(set(SCRIPTS.values())))
 def test_entry_points_exist(command):
     if command not in COMMANDS:

@@ -119,8 +119,10 @@ class GracefulStop:
 
 
 # Messages of collectives that failed because a peer vanished (gloo's tcp transport, NCCL).
+# A collective that times out (gloo: "Timed out waiting ... for recv") is one a peer never joined.
 _PEER_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                         "remote worker crash", "NCCL communicator was aborted", "ProcessGroupNCCL")
+                         "Timed out waiting", "remote worker crash", "NCCL communicator was aborted",
+                         "ProcessGroupNCCL")
 
 
 def _first_line(e: BaseException) -> str:
