@@ -218,6 +218,8 @@ class Watchdog:
                                 f"limit distributed.timeout_s/2 = {self.stale_s:.1f} s): it died or its host "
                                 f"is unreachable; reported by rank 0")
                         self._store.set(abort_key, note)
+                        # Our store dies with us: the others read the note within one interval.
+                        time.sleep(1.5 * self.interval_s)
                         self._die(note)
             except Exception as e:  # the store is rank 0's: any failure means rank 0 is gone
                 if self._stop.is_set():
@@ -227,11 +229,10 @@ class Watchdog:
 
     def fail(self, reason: str) -> None:
         """This rank cannot go on: tell the others (they end within one interval) and exit."""
-        note = f"rank {self.env.rank} failed: {reason}"
         with contextlib.suppress(Exception):
             if self._store is not None:
-                self._store.set(self._key("abort"), note)
-        self._die(note)
+                self._store.set(self._key("abort"), f"rank {self.env.rank} failed: {reason}")
+        self._die(f"{reason} (the other ranks are told)")
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
