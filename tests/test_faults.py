@@ -1,6 +1,7 @@
 """Faults with real processes over gloo: a rank that dies (SIGKILL) or hangs (SIGSTOP) ends the
 others within distributed.timeout_s with the requeue exit code and a message naming the cause;
-SIGUSR1 on one rank stops every rank after the same step with EXIT_REQUEUE.
+an ordinary error ends all with exit code 1; SIGUSR1 on one rank makes the real Trainer stop
+every rank after the same step with a checkpoint and EXIT_REQUEUE.
 
 The ranks are plain processes with RANK/WORLD_SIZE exported (no launcher), so that no launcher
 kills the survivors for us: what ends them is megadalle's own fault handling."""
@@ -28,7 +29,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(world: int, out: Path, steps: int = 100000, sleep: float = 0.05) -> list[subprocess.Popen]:
+def start_ranks(world: int, out: Path, steps: int = 100000, sleep: float = 0.05,
+                extra: list[str] = ()) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for r in range(world):
@@ -36,7 +38,7 @@ def start_ranks(world: int, out: Path, steps: int = 100000, sleep: float = 0.05)
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "megadalle.distributed.smoke", "--backend", "gloo", "--steps", str(steps),
-             "--sleep", str(sleep), "--timeout", str(TIMEOUT_S), "--out", str(out)],
+             "--sleep", str(sleep), "--timeout", str(TIMEOUT_S), "--out", str(out), *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -74,8 +76,10 @@ def finish(procs, limit_s: float) -> list[tuple[int, str]]:
     return results
 
 
-@pytest.mark.parametrize("victim, how", [(2, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)])
+@pytest.mark.parametrize("victim, how", [(0, signal.SIGKILL), (1, signal.SIGSTOP)])
 def test_dead_or_hung_rank_ends_the_others_within_the_timeout(tmp_path, victim, how):
+    """Rank 0 killed: it served the store, so the others lose contact (or their collective
+    breaks). Rank 1 stopped: its sockets stay open, so only rank 0's heartbeat watch can tell."""
     procs = start_ranks(3, tmp_path)
     try:
         wait_until_stepping(procs, tmp_path)
@@ -93,28 +97,56 @@ def test_dead_or_hung_rank_ends_the_others_within_the_timeout(tmp_path, victim, 
         assert code is not None, f"a survivor was still running {TIMEOUT_S + 2:.0f} s after rank {victim} {how.name}"
         assert code == EXIT_PEER_FAILURE, err[-2000:]
         assert "[megadalle watchdog]" in err and "exit code 76" in err, err[-2000:]
-    messages = " ".join(err for _, err in results)
     if how == signal.SIGSTOP:
-        # A hung rank keeps its sockets open, so only the heartbeat can tell: the report names it.
-        assert f"rank {victim} stopped responding" in messages
+        for _, err in results:  # both survivors name the hung rank
+            assert f"rank {victim} stopped responding" in err, err[-2000:]
     assert elapsed < TIMEOUT_S + 2
 
 
-def test_sigusr1_on_one_rank_stops_all_after_the_same_step(tmp_path):
-    procs = start_ranks(2, tmp_path, sleep=0.1)
+def test_an_error_on_one_rank_ends_all_without_requeue(tmp_path):
+    """A bug is not a peer failure: requeueing would only repeat it, so every rank exits 1."""
+    procs = start_ranks(3, tmp_path, extra=["--fail-rank", "1", "--fail-step", "3"])
+    results = finish(procs, limit_s=90)
+    assert [code for code, _ in results] == [1, 1, 1], [e[-1500:] for _, e in results]
+    assert "injected failure on rank 1" in results[1][1]  # its own traceback
+    for code, err in (results[0], results[2]):
+        assert "rank 1 failed with an error: RuntimeError: injected failure" in err and "not requeued" in err
+
+
+def test_trainer_stops_on_sigusr1_with_a_checkpoint_at_the_same_step(tmp_path):
+    """The real Trainer (tests/trainer_toy.py, 2 ranks over gloo): SIGUSR1 to one rank, both ranks
+    leave after the same step, the checkpoint of that step is `latest`, exit code 75."""
+    port = free_port()
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "trainer_toy.py"), "--run_dir", str(tmp_path),
+             "--step_delay", "0.1", "train.steps=100000", "checkpoint.every_steps=100000",
+             f"distributed.timeout_s={TIMEOUT_S * 5:.0f}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    metrics = tmp_path / "zero0" / "toy" / "metrics.jsonl"
     try:
-        wait_until_stepping(procs, tmp_path, min_step=2)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
         os.kill(procs[1].pid, signal.SIGUSR1)
-        results = finish(procs, limit_s=30)
+        results = finish(procs, limit_s=120)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [code for code, _ in results] == [EXIT_REQUEUE, EXIT_REQUEUE], [e[-1000:] for _, e in results]
-    reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
-    assert reports[0]["steps"] == reports[1]["steps"] and all(r["stopped"] for r in reports)
-    assert reports[1]["reason"] == "received SIGUSR1"
-    assert reports[0]["reason"] == "another rank received a stop request"
+    assert [code for code, _ in results] == [EXIT_REQUEUE, EXIT_REQUEUE], [e[-2000:] for _, e in results]
+    assert "stopped early (another rank received a stop request)" in results[0][1]
+    # Rank 0 logs every step (train.log_every=1): its last step is where both ranks stopped.
+    last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    ckpts = tmp_path / "zero0" / "toy" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{last_step:08d}"
+    assert f"checkpoint of step {last_step} in" in results[0][1]
 
 
 def test_graceful_stop_single_process(monkeypatch):

@@ -141,15 +141,22 @@ def test_usr1_before_time_limit_saves_stops_and_requeues(tmp_path):
     assert reports[0]["master_addr"] == "localhost"
 
 
-@pytest.mark.slow
-def test_deadline_stops_without_a_signal_and_requeue_is_capped(tmp_path):
-    # The job ends in 100 s and STOP_MARGIN_S=120: every rank is past its deadline at once.
-    p, out = _two_node_job(tmp_path, FAKE_END_IN_S=100, SLURM_RESTART_COUNT=3, MAX_REQUEUES=3)
-    stdout, stderr = p.communicate(timeout=90)
-    assert p.returncode == 75, stderr[-2000:]
-    assert "already requeued 3 times; giving up" in stderr
+def test_deadline_is_exported_and_requeues_are_capped(tmp_path):
+    """Each rank gets MEGADALLE_STOP_AT = job end - STOP_MARGIN_S (the ranks stop on it by
+    themselves: test_faults covers GracefulStop's deadline); a job already requeued MAX_REQUEUES
+    times is not requeued again."""
+    rank = tmp_path / "rank.sh"
+    rank.write_text('echo "$SLURM_PROCID $MEGADALLE_STOP_AT $(date +%s)" >> "$1"; exit 75\n')
+    seen = tmp_path / "seen"
+    p, _ = _two_node_job(tmp_path, script_args=(str(seen),), FAKE_END_IN_S=3600, STOP_MARGIN_S=600,
+                         SLURM_RESTART_COUNT=3, MAX_REQUEUES=3, MEGADALLE_PROGRAM=f"bash {rank}")
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 75 and "already requeued 3 times; giving up" in stderr, stderr[-2000:]
     assert "requeue" not in (tmp_path / "slurm.log").read_text()
-    assert "deadline" in json.loads((out / "rank-0.json").read_text())["reason"]
+    rows = sorted(line.split() for line in seen.read_text().splitlines())
+    assert [r[0] for r in rows] == ["0", "1"]
+    for _, stop_at, now in rows:
+        assert 3000 - 60 <= int(stop_at) - int(now) <= 3000 + 1  # 3600 s left - 600 s margin
 
 
 @pytest.mark.parametrize("extra, code, message", [

@@ -28,7 +28,7 @@ from torch import nn
 
 from megadalle.config import Config, ConfigError, DistributedConfig, OptimizerConfig, TrainConfig
 from megadalle.distributed.ds_config import build_ds_config, load_user_config, merge_user_config
-from megadalle.distributed.launch import DistEnv, discover
+from megadalle.distributed.launch import DistEnv, discover, rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ def init_distributed(dist_cfg: DistributedConfig) -> DistEnv:
     if env.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise ConfigError(f"{env.world_size} ranks launched by {env.launcher}, but MASTER_ADDR/MASTER_PORT are "
-                          f"not set; export them (the slurm/ scripts do) so that the ranks can meet")
+    else:
+        # [cluster] srun/mpirun ranks: master from the node list, the job id or mpi4py (launch.py).
+        env = rendezvous(env)
     backend = backend_for(dist_cfg)
     if backend == "nccl":
         if not torch.cuda.is_available():

@@ -19,9 +19,11 @@ Two pieces, both used by the training loop:
   group's timeout. `guard()` gives the same clean exit when a collective raises because a peer
   vanished (gloo notices a closed socket at once).
 
-Exit codes (sysexits' EX_TEMPFAIL family: "try again later"):
+Exit codes (75/76 from sysexits' EX_TEMPFAIL family: "try again later"):
   EXIT_REQUEUE = 75       stopped on request, checkpoint written: resubmit to resume.
   EXIT_PEER_FAILURE = 76  another rank died or hung: resubmit to resume from the last checkpoint.
+  EXIT_ERROR = 1          a rank raised an ordinary error (a bug, bad data): the others end with
+                          1 too, so that a deterministic failure is not requeued over and over.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Iterator
+from typing import Any, Iterator
 
 from megadalle.distributed.launch import DistEnv
 
+EXIT_ERROR = 1
 EXIT_REQUEUE = 75
 EXIT_PEER_FAILURE = 76
 REQUEUE_EXIT_CODES = (EXIT_REQUEUE, EXIT_PEER_FAILURE)
@@ -175,12 +178,27 @@ class Watchdog:
         self._thread.start()
         return self
 
+    _FATAL = "FATAL "  # prefix of an abort note about an ordinary error: do not requeue
+
     def _die(self, msg: str) -> None:
         if self._stop.is_set():
             return
+        if self.env.rank == 0:
+            # Rank 0's store dies with it: give the others an interval and a half to read the note.
+            time.sleep(1.5 * self.interval_s)
+        if msg.startswith(self._FATAL):
+            _say(self.env.rank, f"{msg[len(self._FATAL):]}; ending this rank with exit code {EXIT_ERROR} "
+                                f"(not requeued: fix the error)")
+            os._exit(EXIT_ERROR)
         _say(self.env.rank, f"{msg}; ending this rank with exit code {EXIT_PEER_FAILURE} "
                             f"(the SLURM script requeues the job, which resumes from the latest checkpoint)")
         os._exit(EXIT_PEER_FAILURE)
+
+    def _note(self) -> str:
+        with contextlib.suppress(Exception):
+            if self._store is not None and self._store.check([self._key("abort")]):
+                return self._store.get(self._key("abort")).decode()
+        return ""
 
     def _run(self) -> None:
         rank, world = self.env.rank, self.env.world_size
@@ -218,8 +236,6 @@ class Watchdog:
                                 f"limit distributed.timeout_s/2 = {self.stale_s:.1f} s): it died or its host "
                                 f"is unreachable; reported by rank 0")
                         self._store.set(abort_key, note)
-                        # Our store dies with us: the others read the note within one interval.
-                        time.sleep(1.5 * self.interval_s)
                         self._die(note)
             except Exception as e:  # the store is rank 0's: any failure means rank 0 is gone
                 if self._stop.is_set():
@@ -229,10 +245,23 @@ class Watchdog:
 
     def fail(self, reason: str) -> None:
         """This rank cannot go on: tell the others (they end within one interval) and exit."""
+        note = self._note()
+        if note.startswith(self._FATAL):  # our collective broke because that rank hit an error
+            self._die(note)
         with contextlib.suppress(Exception):
             if self._store is not None:
                 self._store.set(self._key("abort"), f"rank {self.env.rank} failed: {reason}")
         self._die(f"{reason} (the other ranks are told)")
+
+    def fatal(self, reason: str) -> None:
+        """This rank hit an ordinary error: the others end with EXIT_ERROR, not a requeue code.
+        Returns, so that the caller can print its traceback."""
+        if self._store is None or self._thread is None:
+            return
+        with contextlib.suppress(Exception):
+            self._store.set(self._key("abort"), f"{self._FATAL}rank {self.env.rank} failed with an error: {reason}")
+            if self.env.rank == 0:
+                time.sleep(1.5 * self.interval_s)  # our store dies with us: let the others read it
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
@@ -246,7 +275,7 @@ class Watchdog:
             self.fail(f"{type(e).__name__}: {_first_line(e)}")
         except RuntimeError as e:
             # gloo reports a vanished peer as a plain RuntimeError from its transport.
-            if not any(m in str(e) for m in _PEER_FAILURE_MARKERS):
+            if not is_peer_failure(e):
                 raise
             self.fail(f"a collective failed: {_first_line(e)}")
 
@@ -269,3 +298,72 @@ class Watchdog:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Did this exception come from a collective whose peer vanished or never joined?"""
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_FAILURE_MARKERS))
+
+
+class TrainingGuard:
+    """GracefulStop + Watchdog for a training loop, in three calls (all ranks):
+
+        guard = TrainingGuard(cfg.distributed).start()   # after the process group is up
+        while ...:
+            ...
+            if guard.should_stop():                       # collective, every step
+                break
+        save_checkpoint()                                 # the loop's final save
+        guard.finish()                                    # SystemExit(75) if stopped early
+
+    While started, an uncaught peer-failure exception (is_peer_failure) ends the process with
+    EXIT_PEER_FAILURE and a clear message instead of a traceback and exit code 1.
+    """
+
+    def __init__(self, dist_cfg: Any, env: DistEnv | None = None) -> None:
+        from megadalle.distributed.launch import discover
+
+        self.env = env or discover()
+        self.stop = GracefulStop()
+        self.dog = Watchdog(self.env, dist_cfg.timeout_s)
+        self._previous_hook = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop._flag
+
+    def start(self) -> "TrainingGuard":
+        if threading.current_thread() is threading.main_thread():
+            self.stop.install()
+        self.dog.start()
+        self._previous_hook, sys.excepthook = sys.excepthook, self._excepthook
+        return self
+
+    def should_stop(self) -> bool:
+        return self.stop.should_stop()
+
+    def _excepthook(self, typ: type, exc: BaseException, tb: Any) -> None:
+        if self.dog._thread is not None:
+            if is_peer_failure(exc):
+                self.dog.fail(f"{typ.__name__}: {_first_line(exc)}")
+            self.dog.fatal(f"{typ.__name__}: {_first_line(exc)}")
+        (self._previous_hook or sys.__excepthook__)(typ, exc, tb)
+
+    def close(self) -> None:
+        self.dog.stop()
+        self.stop.uninstall()
+        if sys.excepthook == self._excepthook:
+            sys.excepthook = self._previous_hook or sys.__excepthook__
+
+    def finish(self, where: str = "") -> None:
+        """Close; when a stop was requested, exit with EXIT_REQUEUE (the checkpoint is written)."""
+        self.close()
+        if self.stopped:
+            if self.env.is_main:
+                print(f"megadalle: stopped early ({self.stop.reason}){'; ' + where if where else ''}; exiting with "
+                      f"code {EXIT_REQUEUE} so that the SLURM script requeues and the run resumes",
+                      file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_REQUEUE)

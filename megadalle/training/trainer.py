@@ -49,6 +49,7 @@ from torch import nn
 
 from megadalle.config import Config, ConfigError, TrainConfig
 from megadalle.distributed import engine as dist
+from megadalle.distributed.watchdog import TrainingGuard
 from megadalle.training.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from megadalle.training.ema import EMA
 from megadalle.training.metrics import Metrics
@@ -348,6 +349,9 @@ class Trainer:
         window: dict[str, float] = {}
         last_saved = self.step if self.resumed_from else -1
         self.engine.train()
+        # [cluster] SIGUSR1/SIGTERM/deadline -> stop after a step all ranks agree on, save, exit 75;
+        # a dead peer -> exit 76 (megadalle/distributed/watchdog.py, slurm/common.sh).
+        guard = TrainingGuard(self.cfg.distributed).start()
         while self.step < total:
             step_metrics = self.train_step(batches)
             self.step += 1
@@ -381,8 +385,11 @@ class Trainer:
             if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == total:
                 self.save_checkpoint()
                 last_saved = self.step
+            if guard.should_stop():  # [cluster]
+                break
         if last_saved != self.step:
             self.save_checkpoint()
+        guard.finish(f"checkpoint of step {self.step} in {self.ckpt.folder}")  # [cluster]
         if progress is not None:
             progress.close()
         summary.steps_run = self.step - start
