@@ -34,9 +34,11 @@ PYTHON="${PYTHON:-python}"
 
 [ -n "${SLURM_JOB_ID:-}" ] || megadalle_die "not inside a SLURM job: submit with sbatch $0"
 if [ "${SLURM_JOB_NUM_NODES:-$NODES}" != "$NODES" ]; then
-    megadalle_die "the job holds ${SLURM_JOB_NUM_NODES} node(s) but the script says NODES=$NODES; keep #SBATCH --nodes and NODES equal"
+    megadalle_die "the job holds ${SLURM_JOB_NUM_NODES} node(s) but the script says NODES=$NODES;" \
+                  "keep #SBATCH --nodes and NODES equal"
 fi
-if [ -n "${SLURM_NTASKS_PER_NODE:-}" ] && [ "$LAUNCHER" = srun ] && [ "$SLURM_NTASKS_PER_NODE" != "$GPUS_PER_NODE" ]; then
+if [ -n "${SLURM_NTASKS_PER_NODE:-}" ] && [ "$LAUNCHER" = srun ] \
+        && [ "$SLURM_NTASKS_PER_NODE" != "$GPUS_PER_NODE" ]; then
     megadalle_die "SLURM_NTASKS_PER_NODE=$SLURM_NTASKS_PER_NODE but GPUS_PER_NODE=$GPUS_PER_NODE; one task per GPU"
 fi
 case "$LAUNCHER" in srun|deepspeed) ;; *) megadalle_die "LAUNCHER=$LAUNCHER: choose srun or deepspeed" ;; esac
@@ -49,10 +51,12 @@ JOB_DIR="${JOB_DIR:-${SLURM_SUBMIT_DIR:-.}/runs/slurm/${SLURM_JOB_ID}}"
 mkdir -p "$JOB_DIR"
 HOSTFILE="$JOB_DIR/hostfile"
 scontrol show hostnames "${SLURM_JOB_NODELIST:?}" \
-    | "$PYTHON" -m megadalle.distributed.launch hostfile --slots "$GPUS_PER_NODE" --expect-nodes "$NODES" --out "$HOSTFILE" \
+    | "$PYTHON" -m megadalle.distributed.launch hostfile --slots "$GPUS_PER_NODE" --expect-nodes "$NODES" \
+        --out "$HOSTFILE" \
     || megadalle_die "could not build $HOSTFILE from SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
 export MASTER_ADDR="${MASTER_ADDR:-$(head -n 1 "$HOSTFILE" | cut -d' ' -f1)}"
-export MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c "from megadalle.distributed.launch import port_from_job; print(port_from_job('$SLURM_JOB_ID'))")}"
+PORT_FROM_JOB="from megadalle.distributed.launch import port_from_job; print(port_from_job('$SLURM_JOB_ID'))"
+export MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c "$PORT_FROM_JOB")}"
 
 # Deadline: every rank stops on its own STOP_MARGIN_S before the end of the job.
 END_TIME="$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)"
@@ -81,32 +85,42 @@ fi
 LAUNCH_PID=$!
 
 STOP_SIGNAL=""
+INTERRUPTED=0
 megadalle_forward() {
     STOP_SIGNAL="$1"
+    INTERRUPTED=1
     echo "megadalle-slurm: got SIG$1, asking the ranks to save and stop" >&2
     kill -s "$1" "$LAUNCH_PID" 2>/dev/null || true
 }
 trap 'megadalle_forward USR1' USR1
 trap 'megadalle_forward TERM' TERM
 
-# `wait` returns early when a trapped signal arrives: keep waiting until the launcher is gone.
+# `wait` returns early (128 + signal) when a trapped signal arrives: wait again until the
+# launcher is gone and its own exit status is known.
 while :; do
+    INTERRUPTED=0
     wait "$LAUNCH_PID"
     RC=$?
-    kill -0 "$LAUNCH_PID" 2>/dev/null || break
+    [ "$INTERRUPTED" = 1 ] || break
 done
 trap - USR1 TERM
 
 case "$RC" in
     0) echo "megadalle-slurm: $COMMAND finished"; exit 0 ;;
-    75|76) WHY=$([ "$RC" = 75 ] && echo "stopped with a checkpoint${STOP_SIGNAL:+ (SIG$STOP_SIGNAL)}" || echo "a rank failed") ;;
-    *) if [ "$RC" -gt 128 ]; then WHY="a rank was killed by signal $((RC - 128))";
-       else echo "megadalle-slurm: $COMMAND failed with exit code $RC; not requeueing (fix the error above)" >&2; exit "$RC"; fi ;;
+    75) WHY="stopped with a checkpoint${STOP_SIGNAL:+ (SIG$STOP_SIGNAL)}" ;;
+    76) WHY="a rank failed" ;;
+    *)
+        if [ "$RC" -le 128 ]; then
+            echo "megadalle-slurm: $COMMAND failed with exit code $RC; not requeueing (fix the error above)" >&2
+            exit "$RC"
+        fi
+        WHY="a rank was killed by signal $((RC - 128))" ;;
 esac
 if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
     echo "megadalle-slurm: $WHY (exit $RC) but the job was already requeued $MAX_REQUEUES times; giving up" >&2
     exit "$RC"
 fi
 echo "megadalle-slurm: $WHY (exit $RC); requeueing job $SLURM_JOB_ID to resume from the latest checkpoint"
-scontrol requeue "$SLURM_JOB_ID" || megadalle_die "scontrol requeue $SLURM_JOB_ID failed (is the job requeue-able? #SBATCH --requeue)"
+scontrol requeue "$SLURM_JOB_ID" \
+    || megadalle_die "scontrol requeue $SLURM_JOB_ID failed (is the job requeue-able? #SBATCH --requeue)"
 exit 0

@@ -335,9 +335,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"parameters: {p['total'] / 1e9:.3f} B = {p['matrices'] / 1e9:.3f} B matrices (16-bit, sharded, compressed) "
         f"+ {p['others'] / 1e6:.1f} M others (fp32: embeddings, heads, gains, biases)",
         "",
-        f"memory per GPU in GiB, {'mixed-precision Adam, 16 B/param' if plan['states'] == 'mixed' else 'fp32 Adam, 16 B/param'}, "
+        f"memory per GPU in GiB, {'mixed-precision' if plan['states'] == 'mixed' else 'fp32'} Adam, 16 B/param, "
         f"ZeRO sharding over {plan['group_size']} GPUs ({plan['shard_group']}):",
-        "           params    grads    optim  transient  act(ckpt)  act(full)  total(ckpt)  total(full)  fits(ckpt/full)",
+        "           params    grads    optim  transient  act(ckpt)  act(full)  total(ckpt)  total(full)  "
+        "fits(ckpt/full)",
     ]
     for r in plan["zero"] + [plan["paper"]]:
         if r["label"] == "paper":
@@ -355,7 +356,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines += [
         "",
         "traffic per GPU per optimizer step (ring collectives):",
-        f"  flat data parallel over {plan['gpus']} GPUs, ZeRO-0/1/2 {gb(tr['flat_zero012'])}; ZeRO-3 {gb(tr['flat_zero3'])}",
+        f"  flat data parallel over {plan['gpus']} GPUs, ZeRO-0/1/2 {gb(tr['flat_zero012'])}; "
+        f"ZeRO-3 {gb(tr['flat_zero3'])}",
         f"  paper, inside the machine (NVLink/PCIe)  {gb(tr['intra'])}",
         f"  paper, between machines, uncompressed    {gb(tr['inter_uncompressed'])}",
         f"  paper, between machines, PowerSGD r={tr['powersgd_rank']} {gb(tr['inter_powersgd'])}  "
