@@ -54,7 +54,7 @@ all-gather (n-1)/n B for B bytes over n ranks):
 * the paper: inside the machine, two all-gathers of the weights and one reduce-scatter of the
   gradients; between machines, each GPU all-reduces its shard over M machines: uncompressed,
   or with PowerSGD the matrices at the paper's rate 1 - 5 r / (8 d_model) (r = distributed.
-  powersgd.rank, 8 GPUs per machine; (L/2 + 1) r / (8 d_model) is sent in general) and the
+  powersgd.rank, 8 GPUs per machine; powersgd.predicted_compression_rate for other L) and the
   fp32 others uncompressed.
 """
 
@@ -80,10 +80,6 @@ STATE_BYTES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "fp32": ((4, 4, 8), (4, 4, 8)),
     "paper": ((2, 2, 4), (4, 4, 8)),
 }
-
-# The paper's PowerSGD rank at its d_model (DALLE_FACTS: 896 at 3968, 8 GPUs per machine).
-PAPER_RANK, PAPER_D_MODEL = 896, 3968
-
 
 def parse_bytes(text: str) -> int:
     """'16GiB', '16 GB', '80G', '16384MiB' -> bytes. Bare G/M/K are binary (nvidia-smi's habit)."""
@@ -222,8 +218,10 @@ def paper_memory(c: ParamCounts, act: Activations, gpus_per_node: int, error_buf
 
 def sent_fraction(rank: int, d_model: int, gpus_per_node: int) -> float:
     """Fraction of a GPU's matrix-gradient bytes PowerSGD sends between machines: the paper's
-    5 r / (8 d_model) at 8 GPUs per machine ((L/2 + 1) r / (8 d_model) for L per machine)."""
-    return (gpus_per_node / 2 + 1) * rank / (8 * d_model)
+    5 r / (8 d_model) at 8 GPUs per machine (rank r / 8 per GPU shard; powersgd.py)."""
+    from megadalle.distributed.powersgd import predicted_compression_rate, shard_rank
+
+    return 1.0 - predicted_compression_rate(shard_rank(rank), d_model, gpus_per_node)
 
 
 def _ring(n: int) -> float:
@@ -304,7 +302,9 @@ def build_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory: int, res
     states = "fp32" if cfg.precision.mode == "fp32" else "mixed"
     rows = [zero_memory(counts, act, s, group, states) for s in range(4)]
     paper = paper_memory(counts, act, gpus_per_node, error_buffer_bytes)
-    rank = cfg.distributed.powersgd.rank or max(1, round(PAPER_RANK * t.dim / PAPER_D_MODEL))
+    from megadalle.distributed.powersgd import default_rank
+
+    rank = cfg.distributed.powersgd.rank or default_rank(t.dim)
     comm = traffic(counts, t, nodes, gpus_per_node, rank)
     budget = gpu_memory - reserve
     chosen = rows[cfg.distributed.zero_stage]
