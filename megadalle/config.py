@@ -327,6 +327,8 @@ class TrainConfig:
     sample_every: int = 0  # 0: never
     ema_decay: float = 0.99
     ema_every: int = 25  # the paper's iterate averaging: every 25 updates, on CPU
+    # Stage 2 only: train on deterministic random tokens instead of shards (benchmarks, tests).
+    synthetic_data: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 

@@ -141,28 +141,81 @@ RUNS = {
     "zero1": {"distributed.zero_stage": 1},
     "zero2": {"distributed.zero_stage": 2},
     "zero3": {"distributed.zero_stage": 3},
+    "zero3_ckpt": {"distributed.zero_stage": 3, "distributed.activation_checkpointing": True},
     "zero2_bf16": {"distributed.zero_stage": 2, "precision.mode": "bf16"},
 }
+
+
+def transformer_config(run_dir: str | Path, world: int, **overrides: Any) -> Config:
+    """Tiny preset on synthetic tokens; the global batch is 4 whatever the number of ranks."""
+    base = {"logging.run_dir": str(run_dir), "logging.progress": False, "logging.tensorboard": False,
+            "precision.mode": "fp32", "train.synthetic_data": True, "train.steps": 10,
+            "train.micro_batch_size": 4 // world, "train.log_every": 1, "train.ema_every": 2,
+            "train.schedule.warmup_steps": 2, "train.optimizer.lr": 1e-3, "checkpoint.every_steps": 5,
+            "tokenizer.bpe_dropout": 0.0}
+    base.update(overrides)
+    return load_config("tiny", None, base)
+
+
+def make_transformer_trainer(cfg: Config, step_delay: float = 0.0):
+    from megadalle.training.transformer_trainer import TransformerTrainer
+
+    class Slowed(TransformerTrainer):
+        # A pause per micro-batch so that a test can kill the run mid-training.
+        def compute_loss(self, model, batch):
+            if step_delay:
+                time.sleep(step_delay)
+            return super().compute_loss(model, batch)
+
+    return Slowed(cfg)
+
+
+def probe_batch(cfg: Config) -> dict[str, torch.Tensor]:
+    from megadalle.training.transformer_trainer import SyntheticTokens
+
+    return next(iter(SyntheticTokens(cfg.transformer, 2, 0, 1, seed=999)))
+
+
+@torch.no_grad()
+def probe_logits(trainer) -> dict[str, torch.Tensor]:
+    """The trained engine's logits on a fixed batch (every rank calls: ZeRO-3 gathers)."""
+    batch = probe_batch(trainer.cfg)
+    trainer.engine.eval()
+    text_logits, image_logits = trainer.engine(batch["text"].to(trainer.engine.device),
+                                               batch["codes"].to(trainer.engine.device))
+    trainer.engine.train()
+    return {**batch, "text_logits": text_logits.float().cpu(), "image_logits": image_logits.float().cpu()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run_dir", required=True)
     p.add_argument("--runs", default="zero0", help="comma list of RUNS names, each in its own sub-folder")
+    p.add_argument("--model", default="toy", choices=["toy", "transformer"])
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--step_delay", type=float, default=0.0)
     p.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted key=value")
     a = p.parse_args()
-    extra = dict(o.split("=", 1) for o in a.overrides)
     import yaml
 
-    extra = {k: yaml.safe_load(v) for k, v in extra.items()}
+    from megadalle.distributed.launch import discover
+
+    extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in a.overrides)}
+    world = discover().world_size
     for name in a.runs.split(","):
-        cfg = toy_config(Path(a.run_dir) / name, **{**RUNS[name], **extra})
-        trainer = ToyTrainer(cfg, dropout=a.dropout, step_delay=a.step_delay)
+        run_dir = Path(a.run_dir) / name
+        if a.model == "toy":
+            trainer = ToyTrainer(toy_config(run_dir, **{**RUNS[name], **extra}), dropout=a.dropout,
+                                 step_delay=a.step_delay)
+        else:
+            trainer = make_transformer_trainer(transformer_config(run_dir, world, **{**RUNS[name], **extra}),
+                                               a.step_delay)
         summary = trainer.train()
+        probe = probe_logits(trainer) if a.model == "transformer" else None
         if trainer.is_main:
+            if probe is not None:
+                torch.save(probe, run_dir / "probe.pt")
             print(json.dumps({"run": name, "final_step": summary.final_step}), flush=True)
 
 

@@ -84,8 +84,14 @@ def init_distributed(dist_cfg: DistributedConfig) -> DistEnv:
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=dist_cfg.timeout_s))
     import deepspeed
+    import deepspeed.ops
 
     _quiet_deepspeed()
+    if backend == "gloo":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU that only its inference
+        # path uses; the build costs minutes on a fresh machine and a build killed midway leaves
+        # a lock that hangs every later process. Training never calls it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # Adopts the group created above instead of creating another.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=dist_cfg.timeout_s))
@@ -268,6 +274,13 @@ def build_engine(model: nn.Module, cfg: Config, train: TrainConfig, user_config:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
     _quiet_deepspeed()
     return engine
+
+
+def local_device() -> torch.device:
+    """This rank's compute device (the GPU of its local rank, else the CPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def param_dtype(engine: Any) -> torch.dtype:

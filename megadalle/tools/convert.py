@@ -43,11 +43,26 @@ def _openai_dvae_run(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _zero_to_safetensors_arguments(p: argparse.ArgumentParser) -> None:
+    from megadalle.tools import zero_to_safetensors
+
+    zero_to_safetensors.add_arguments(p)
+
+
+def _zero_to_safetensors_run(args: argparse.Namespace, cfg: Config) -> int | None:
+    from megadalle.tools import zero_to_safetensors
+
+    return zero_to_safetensors.run(args, cfg)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "openai-dvae": Subcommand(
         "OpenAI's released dVAE (encoder.pkl + decoder.pkl) -> dvae.safetensors + dvae.yaml, "
         "without the dall_e package and without running pickled code",
         _openai_dvae_arguments, _openai_dvae_run),
+    "zero-to-safetensors": Subcommand(
+        "a training checkpoint of any ZeRO stage -> one fp32 .safetensors file + its config (.yaml)",
+        _zero_to_safetensors_arguments, _zero_to_safetensors_run),
 }
 
 

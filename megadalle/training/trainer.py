@@ -7,6 +7,8 @@ receives `checkpoints/`, `tb/`, `samples/`, `metrics.jsonl` and the EMA export.
 Subclasses override:
 
     build_model() -> nn.Module               the plain model (built with the same seed on every rank)
+    prepare_model(model)                     runner wrappers / gradient hook, before activation
+                                             checkpointing wraps the runner and DeepSpeed wraps the model
     build_data() -> loader                   an iterable of batches with state_dict()/load_state_dict()
                                              that resumes exactly where it stopped (per rank)
     build_val_data() -> iterable | None      validation batches (restarted at every evaluation)
@@ -107,6 +109,9 @@ class Trainer:
     def build_data(self) -> Any:
         raise NotImplementedError
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Wrap the model's resblock runner or install a `self.gradient_hook` (before DeepSpeed)."""
+
     def build_val_data(self) -> Iterable | None:
         return None
 
@@ -168,10 +173,12 @@ class Trainer:
         self.global_batch = self.tcfg.global_batch(self.world)
         # Same init on every rank (ZeRO-3 partitions what each rank built), then per-rank streams.
         self._seed(self.tcfg.seed)
-        model = self.build_model()
+        model = self.build_model().to(dist.local_device())
         self.model = model
-        # Per-resblock fp16 scaling goes in first: activation checkpointing wraps its runner.
+        # Per-resblock fp16 scaling and subclass runner wrappers go in first: activation
+        # checkpointing wraps their runner.
         self.gradient_hook = dist.install_precision(model, self.cfg, self.gradient_hook)
+        self.prepare_model(model)
         if self.cfg.distributed.activation_checkpointing:
             dist.install_activation_checkpointing(model, self.cfg.distributed.checkpoint_every_k,
                                                   self.cfg.distributed.checkpoint_impl)
@@ -245,15 +252,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ EMA
     def ema_model(self) -> nn.Module:
-        """A plain (non-DeepSpeed) CPU model holding the EMA weights.
+        """A plain (non-DeepSpeed) model holding the EMA weights on rank 0.
 
         Call it on every rank: without EMA the current weights are gathered, a collective.
+        Other ranks get a freshly initialised model.
         """
         # Building a model draws from the RNG; sampling must not shift the training streams.
         with torch.random.fork_rng(devices=[]):
             model = self.build_model()
-        state = self.ema.params if self.ema.enabled and self.ema.params else {
-            k: v for k, v in dist.full_fp32_named_parameters(self.engine)}
+        # Same branch on every rank (gathering is collective); only rank 0 holds the EMA.
+        state = self.ema.params if self.ema.enabled else dict(dist.full_fp32_named_parameters(self.engine))
+        if not self.is_main:
+            return model.eval()
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(k in dict(model.named_parameters()) for k in missing):
             raise RuntimeError(f"EMA weights do not fit the model: missing {missing}, unexpected {unexpected}")
@@ -264,7 +274,8 @@ class Trainer:
         import yaml
         from safetensors.torch import save_file
 
-        if self.ema.enabled and self.ema.params:
+        # The branch must be the same on every rank: gathering ZeRO shards is collective.
+        if self.ema.enabled:
             tensors = {k: v.contiguous() for k, v in self.ema.params.items()}
         else:
             tensors = {k: v.contiguous() for k, v in dist.full_fp32_named_parameters(self.engine)}

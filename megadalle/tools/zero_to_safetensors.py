@@ -1,0 +1,101 @@
+"""Consolidate a megadalle checkpoint of any ZeRO stage into one safetensors file plus config.
+
+    megadalle convert zero-to-safetensors <run>/transformer/checkpoints[/step_00001000] --out model.safetensors
+
+writes `model.safetensors` (fp32 weights, the names of the plain model's `state_dict`) and
+`model.yaml` (the resolved config stored in the checkpoint) beside it. Name the output
+`transformer.safetensors` in a folder to use it with `megadalle sample --ckpt FOLDER`.
+
+ZeRO 1-3: DeepSpeed's `zero_to_fp32` merges the fp32 master partitions of every rank (its own
+script, `checkpoints/zero_to_fp32.py`, works on the same folders). ZeRO 0: the model states file
+already holds the whole model; in bf16 runs it is the 16-bit copy, so the fp32 master weights are
+read from the optimizer state where DeepSpeed keeps them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+
+from megadalle.cli import CommandError
+from megadalle.training.checkpoint import CheckpointError, load_torch, read_meta, resolve_checkpoint, verify_files
+
+
+def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Path, dict]:
+    """(fp32 state dict, the tag folder, its meta) of the checkpoint at `path`."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    verify_files(ckpt, meta)
+    stage = int(meta.get("zero_stage", 0))
+    if stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            # DeepSpeed prints progress for every parameter group; keep our output to one summary.
+            with redirect_stdout(io.StringIO()):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        except Exception as e:  # noqa: BLE001 - DeepSpeed raises many types on broken folders
+            raise CheckpointError(f"DeepSpeed could not merge the ZeRO-{stage} shards in {ckpt} "
+                                  f"({type(e).__name__}: {e})") from None
+    else:
+        model_file = ckpt / "mp_rank_00_model_states.pt"
+        if not model_file.is_file():
+            raise CheckpointError(f"{ckpt} has no {model_file.name}; it is not a complete ZeRO-0 checkpoint")
+        blob = load_torch(model_file)
+        state = dict(blob["module"])
+        if any(t.dtype != torch.float32 for t in state.values() if t.is_floating_point()):
+            state = _fp32_masters_stage0(blob, state)
+    out = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+    return out, ckpt, meta
+
+
+def _fp32_masters_stage0(blob: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 master weights of a ZeRO-0 16-bit run (DeepSpeed's fp16/bf16 optimizer state)."""
+    opt = blob.get("optimizer") or {}
+    groups = opt.get("fp32_groups") or opt.get("fp32_groups_flat")
+    names = list(blob.get("param_shapes", [{}])[0]) if blob.get("param_shapes") else []
+    if isinstance(groups, list) and groups and isinstance(groups[0], list):
+        flat = [t for g in groups for t in g]
+        if names and len(flat) == len(names) and all(state[n].shape == t.shape for n, t in zip(names, flat)):
+            return {**state, **dict(zip(names, flat))}
+    # No recoverable master copy: the 16-bit weights are what the model ran with.
+    return state
+
+
+def write(state: dict[str, torch.Tensor], ckpt: Path, meta: dict, out: str | Path) -> tuple[Path, Path]:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise CommandError(f"--out {out}: name the output file *.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp), metadata={"step": str(meta.get("step")), "zero_stage": str(meta.get("zero_stage")),
+                                         "source": str(ckpt)})
+    tmp.replace(out)
+    cfg_out = out.with_suffix(".yaml")
+    cfg_src = ckpt / "config.yaml"
+    if cfg_src.is_file():
+        cfg_out.write_text(cfg_src.read_text(encoding="utf-8"), encoding="utf-8")
+    else:
+        cfg_out.write_text(json.dumps(meta), encoding="utf-8")
+    return out, cfg_out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder (step_*) or a checkpoints folder (uses latest)")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="output weights; the config goes "
+                   "beside it as FILE.yaml")
+
+
+def run(args, cfg) -> int:
+    state, ckpt, meta = consolidate(args.ckpt)
+    out, cfg_out = write(state, ckpt, meta, args.out)
+    n = sum(t.numel() for t in state.values())
+    print(f"wrote {out} ({len(state)} tensors, {n:,} parameters, fp32) and {cfg_out} "
+          f"from {ckpt} (step {meta.get('step')}, ZeRO-{meta.get('zero_stage')}, {meta.get('world_size')} ranks)")
+    return 0

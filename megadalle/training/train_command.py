@@ -1,0 +1,43 @@
+"""`megadalle train`: stage 2, the transformer on token shards, on DeepSpeed.
+
+    megadalle train --preset tiny                         # one process, CPU or one GPU
+    deepspeed --num_gpus 2 -m megadalle train --preset tiny --distributed.zero_stage 2
+    torchrun --nproc_per_node 2 -m megadalle train ...    # or srun / mpirun
+    megadalle train --deepspeed_config ds_configs/zero2_bf16.json ...
+
+Resumes from `<run_dir>/transformer/checkpoints/latest` unless `--checkpoint.resume none` (or a
+path). Writes checkpoints, TensorBoard, metrics.jsonl and the EMA export
+`transformer.safetensors` + `transformer.yaml` under `<run_dir>/transformer/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megadalle.config import Config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="FILE",
+                        help="hand-written DeepSpeed JSON merged over the generated one; keys that the typed "
+                             "config also sets must agree, optimizer/scheduler sections are refused")
+    parser.add_argument("--resume", default=None, metavar="latest|none|PATH",
+                        help="shortcut for --checkpoint.resume")
+    # Passed by the deepspeed launcher; rank discovery reads the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    from megadalle.distributed.engine import close_distributed
+    from megadalle.training.transformer_trainer import TransformerTrainer
+
+    if args.resume is not None:
+        cfg = cfg.replace(**{"checkpoint.resume": args.resume})
+    trainer = TransformerTrainer(cfg, deepspeed_config=args.deepspeed_config)
+    try:
+        summary = trainer.train()
+        if trainer.is_main:
+            print(summary.describe())
+    finally:
+        close_distributed()
+    return 0

@@ -1,0 +1,190 @@
+"""Stage 2: the transformer on pre-encoded token shards (`megadalle train`).
+
+Input: token shards from `megadalle encode` (`data.token_source`, else `<run_dir>/tokens/`),
+streamed per rank with a resumable position; captions are tokenized on the fly with BPE dropout
+(`tokenizer.bpe_dropout`) in training and without it for validation. `train.synthetic_data=true`
+trains on deterministic random tokens instead (benchmarks, tests; no shards or tokenizer needed).
+
+Loss: the paper's 1/8 text + 7/8 image cross-entropy, each averaged over its own tokens,
+computed from the logits the engine's forward returns (the engine's forward must run so that
+ZeRO-3 gathers parameters; `DALLETransformer.loss` computes the same numbers, see the tests).
+
+Precision `fp16_per_resblock` (per-resblock gradient scales) and PowerSGD are installed by the
+Trainer base (`distributed.engine.install_precision`, `distributed/powersgd.py`).
+
+Note on exact resume: the `tokenizers` library draws BPE-dropout randomness from its own
+unseeded generator, so with `tokenizer.bpe_dropout > 0` a resumed run sees different (equally
+distributed) caption segmentations; everything else resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megadalle.cli import CommandError
+from megadalle.config import Config, TransformerConfig
+from megadalle.training.trainer import Trainer
+
+
+class SyntheticTokens:
+    """Deterministic random (text, codes) batches; global sample i goes to rank i % world."""
+
+    def __init__(self, tcfg: TransformerConfig, batch: int, rank: int, world: int, seed: int) -> None:
+        self.t = tcfg
+        self.batch, self.rank, self.world, self.seed = batch, rank, world, seed
+        self.position = 0  # batches handed out by this rank
+
+    def _sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng((self.seed, i))
+        n_text = int(rng.integers(1, self.t.text_len + 1))
+        text = np.zeros(self.t.text_len, dtype=np.int64)
+        text[:n_text] = rng.integers(1, self.t.text_vocab_size, n_text)
+        return text, rng.integers(0, self.t.image_vocab_size, self.t.image_len)
+
+    def __iter__(self):
+        while True:
+            first = self.position * self.batch * self.world
+            samples = [self._sample(first + j * self.world + self.rank) for j in range(self.batch)]
+            self.position += 1
+            yield {"text": torch.from_numpy(np.stack([s[0] for s in samples])),
+                   "codes": torch.from_numpy(np.stack([s[1] for s in samples]))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+def dalle_loss(cfg: TransformerConfig, text: torch.Tensor, codes: torch.Tensor, text_logits: torch.Tensor,
+               image_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The paper's weighted loss from the model's logits (text (B,T,Vt), image (B,N,Vi))."""
+    text_targets = text if cfg.predict_padding else text.masked_fill(text == 0, -100)
+    n_text = (text_targets != -100).sum()
+    text_loss = F.cross_entropy(text_logits.flatten(0, 1), text_targets.flatten(), ignore_index=-100,
+                                reduction="sum") / n_text.clamp(min=1)
+    image_loss = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
+    w = cfg.text_loss_weight
+    return {"loss": w * text_loss + (1 - w) * image_loss, "text_loss": text_loss, "image_loss": image_loss}
+
+
+def transformer_flops_per_sample(cfg: TransformerConfig) -> float:
+    """Forward + backward model FLOPs of one training sample (no recomputation counted).
+
+    Matmuls: 2 FLOPs per weight per position in the stream. Attention: QK^T and AV cost
+    2 x head_dim x heads FLOPs each per (query, key) pair the layer's mask keeps, so sparse layers
+    count only their allowed pairs (the masks module gives the exact count). Backward = 2 x forward.
+    """
+    from megadalle.transformer.masks import MaskGeometry, mask_set
+
+    L = cfg.seq_len
+    d, hidden = cfg.dim, cfg.mlp_ratio * cfg.dim
+    mlp_in = 2 * hidden if cfg.activation == "swiglu" else hidden
+    per_layer_weights = d * 3 * d + d * d + d * mlp_in + hidden * d
+    # Text positions go through the text head only, image positions through the image head only.
+    head_flops = 2 * d * (cfg.text_len * cfg.text_vocab_size + cfg.image_len * cfg.image_vocab_size)
+    g = MaskGeometry.from_config(cfg)
+    attn = 0.0
+    for kind in cfg.layer_types():
+        kept = mask_set(g, kind, L).density()["elements"]
+        attn += 2 * 2 * cfg.heads * cfg.head_dim * kept
+    forward = 2 * per_layer_weights * L * cfg.depth + head_flops + attn
+    return 3.0 * forward
+
+
+class TransformerTrainer(Trainer):
+    model_sections = ("transformer",)
+    export_name = "transformer"
+
+    def __init__(self, cfg: Config, deepspeed_config: str | dict | None = None) -> None:
+        super().__init__(cfg, section="train", stage="transformer", deepspeed_config=deepspeed_config)
+        self.tokenizer: Any = None
+        self._flops_per_sample: float | None = None
+
+    # ---- model ----
+    def build_model(self) -> nn.Module:
+        from megadalle.transformer.model import DALLETransformer
+
+        return DALLETransformer(self.cfg.transformer)
+
+    # ---- data ----
+    def _token_source(self, split: str) -> Path:
+        d = self.cfg.data
+        if d.token_source:
+            split_dir = Path(d.token_source) / split
+            return split_dir if split_dir.is_dir() else Path(d.token_source)
+        return Path(self.cfg.logging.run_dir) / "tokens" / split
+
+    def _load_tokenizer(self) -> Any:
+        from megadalle.data.tokenizer import TextTokenizer, TokenizerFileError
+
+        path = self.cfg.tokenizer.path or str(Path(self.cfg.logging.run_dir) / "tokenizer.json")
+        try:
+            return TextTokenizer.load_for(self.cfg.tokenizer, path)
+        except TokenizerFileError as e:
+            raise CommandError(f"{e} (stage 2 tokenizes captions on the fly; train one with "
+                               f"`megadalle tokenizer train`, or use train.synthetic_data=true)") from None
+
+    def build_data(self) -> Any:
+        micro = self.tcfg.micro_batch_size
+        if self.tcfg.synthetic_data:
+            return SyntheticTokens(self.cfg.transformer, micro, self.rank, self.world, self.tcfg.seed)
+        source = self._token_source("train")
+        if not source.exists():
+            raise CommandError(f"no token shards at {source}: run `megadalle encode` first (or set "
+                               f"data.token_source, or train.synthetic_data=true)")
+        from megadalle.data.loader import token_loader_from_config
+
+        self.tokenizer = self._load_tokenizer()
+        return token_loader_from_config(self.cfg, micro, "train", rank=self.rank, world_size=self.world)
+
+    def build_val_data(self) -> Any:
+        if not self.tcfg.eval_every:
+            return None
+        micro = self.tcfg.micro_batch_size
+        if self.tcfg.synthetic_data:
+            return _Restartable(lambda: SyntheticTokens(self.cfg.transformer, micro, self.rank, self.world,
+                                                        self.tcfg.seed + 10_000))
+        if not self._token_source("val").exists():
+            return None
+        from megadalle.data.loader import token_loader_from_config
+
+        return token_loader_from_config(self.cfg, micro, "val", endless=False, rank=self.rank, world_size=self.world)
+
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.engine.device
+        if "text" in batch:
+            text = batch["text"]
+        else:
+            text = self.tokenizer.encode(batch["caption"], train=self.engine.training)
+        return text.to(device), batch["codes"].to(device)
+
+    def compute_loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        text, codes = self._inputs(batch)
+        text_logits, image_logits = model(text, codes)
+        out = dalle_loss(self.cfg.transformer, text, codes, text_logits, image_logits)
+        return out["loss"], {"text_loss": out["text_loss"].detach(), "image_loss": out["image_loss"].detach()}
+
+    def tokens_in_batch(self, batch: dict[str, Any]) -> int:
+        return int(batch["codes"].shape[0]) * self.cfg.transformer.seq_len
+
+    def train_flops(self, batch: dict[str, Any]) -> float | None:
+        if self._flops_per_sample is None:
+            self._flops_per_sample = transformer_flops_per_sample(self.cfg.transformer)
+        return self._flops_per_sample * int(batch["codes"].shape[0])
+
+
+class _Restartable:
+    """An iterable that starts a fresh stream at every iteration (validation)."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
