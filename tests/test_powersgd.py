@@ -25,7 +25,7 @@ from megadalle.transformer.model import DALLETransformer
 
 WORLD, GPUS_PER_NODE = 4, 2
 BATCH = 4
-STEPS = 40  # loss-gap comparison
+STEPS, WARMUP = 120, 30  # loss-gap comparison: linear warm-up as in the paper's schedule
 LR = 3e-3
 TINY = load_config("tiny")
 DIM = TINY.transformer.dim
@@ -98,11 +98,14 @@ def _global_mean(x: float) -> float:
     return t.item() / dist.get_world_size()
 
 
-def _train(engine, hook, rank: int, steps: range, nan_at: int = -1) -> list[float]:
+def _train(engine, hook, rank: int, steps: range, nan_at: int = -1, warmup: int = 0) -> list[float]:
     losses = []
     for step in steps:
         loss = engine(*_batch(rank, step))
         engine.backward(loss)
+        if warmup:
+            for group in engine.optimizer.param_groups:
+                group["lr"] = LR * min(1.0, (step + 1) / warmup)
         if hook is not None:
             if step == nan_at and rank == WORLD - 1:
                 next(engine.module.parameters()).grad.view(-1)[0] = float("nan")
@@ -151,10 +154,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     # -- 2. loss after STEPS steps and inter-machine bytes, off vs on
     comm_off, comm_on = Comm(groups), Comm(groups)
     off = _engine(0)
-    loss_off = _train(off, _hook(off, comm_off, compress=False), rank, range(STEPS))
+    loss_off = _train(off, _hook(off, comm_off, compress=False), rank, range(STEPS), warmup=WARMUP)
     on = _engine(0)
     hook_on = _hook(on, comm_on, compress=True)
-    loss_on = _train(on, hook_on, rank, range(STEPS))
+    loss_on = _train(on, hook_on, rank, range(STEPS), warmup=WARMUP)
     compressed_numel = hook_on.exchange.layout.compressed_numel[groups.local_index]
     out["loss"] = {"off": loss_off, "on": loss_on}
     out["bytes"] = {"off_inter": comm_off.bytes("inter") / STEPS, "on_inter": comm_on.bytes("inter") / STEPS,
@@ -276,6 +279,8 @@ def test_inter_machine_bytes_and_loss_with_compression(results):
     res = results[0]
     b = res["bytes"]
     # Uncompressed bytes of the matrices PowerSGD handles = off-mode total minus what stays dense.
+    # At the default rank (29 at d_model 128: 15 per shard) the formula predicts 23% sent; the
+    # fused qkv matrix (3d x d) compresses better than the 3 separate d x d matrices it assumes.
     matrices_off = b["off_inter"] - b["on_dense"]
     assert abs(matrices_off - 4 * b["compressed_numel"]) < 0.01 * matrices_off  # fp32, all-reduce over 2
     assert b["on_pq"] <= 0.20 * matrices_off
@@ -288,12 +293,8 @@ def test_inter_machine_bytes_and_loss_with_compression(results):
     tail_off, tail_on = sum(off[-5:]) / 5, sum(on[-5:]) / 5
     print(f"loss after {STEPS} steps (mean of last 5): off {tail_off:.4f}, on {tail_on:.4f}, "
           f"gap {tail_on / tail_off - 1:+.1%}")
-    assert tail_off < 0.7 * off[0]  # both learned...
-    assert tail_on < 0.8 * on[0]
-    # ...and the compressed run is behind by a delay, not diverging: PowerSGD with a rank of 4 per
-    # shard lags early in training (see the README's figures); the paper's 3% criterion holds
-    # only later in a run, beyond this test's budget.
-    assert tail_on < 2.5 * tail_off
+    assert tail_off < 0.5 * off[0]  # it learned
+    assert abs(tail_on - tail_off) <= 0.03 * tail_off
     for other in results[1:]:
         assert other["loss"] == res["loss"]  # global means: identical on every rank
 
@@ -373,12 +374,13 @@ def test_orthogonalise_handles_zero_and_repeated_columns():
 
 
 def test_rank_defaults_and_paper_formula():
-    assert default_rank(3968) == 896 and shard_rank(896) == 112
+    assert default_rank(3968) == 896 and shard_rank(896, 8) == 112  # the paper: 112 per GPU shard
     # The general formula gives the paper's 1 - 5r/(8 d) with 8 GPUs per machine...
     assert predicted_compression_rate(112, 3968, 8) == pytest.approx(1 - 5 * 896 / (8 * 3968))
     assert predicted_compression_rate(112, 3968, 8) == pytest.approx(0.859, abs=1e-3)
-    # ...and, with 2 simulated GPUs per machine at the tiny width, 1 - 2 s / d.
-    assert predicted_compression_rate(shard_rank(default_rank(128)), 128, 2) == pytest.approx(1 - 2 * 4 / 128)
+    # ...and 1 - r/d with 2 GPUs per machine: at the tiny width r = 29, 15 per shard.
+    assert default_rank(128) == 29 and shard_rank(29, 2) == 15
+    assert predicted_compression_rate(15, 128, 2) == pytest.approx(1 - 2 * 15 / 128)
 
 
 def test_layout_matches_formula_on_transformer_matrices():

@@ -23,6 +23,10 @@ import torch.distributed as dist
 from megadalle.distributed.groups import TwoLevelGroups
 
 LEVELS = ("intra", "inter", "world")
+# torch 2.13 renamed the flat-tensor collectives; older releases (pyproject allows >= 2.5) have only
+# the *_tensor names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -73,7 +77,7 @@ class Comm:
             return output
         s = input.numel() * input.element_size()
         self._count(level, tag, s, (n - 1) / n * s)
-        dist.reduce_scatter_single(output, input, group=group)
+        _reduce_scatter(output, input, group=group)
         return output
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, level: str, tag: str) -> torch.Tensor:
@@ -83,7 +87,7 @@ class Comm:
             return output
         s = output.numel() * output.element_size()
         self._count(level, tag, s, (n - 1) / n * s)
-        dist.all_gather_single(output, input, group=group)
+        _all_gather(output, input, group=group)
         return output
 
     def broadcast(self, tensor: torch.Tensor, src: int, level: str, tag: str) -> torch.Tensor:
@@ -95,9 +99,9 @@ class Comm:
             dist.broadcast(tensor, src=src, group=group)
         return tensor
 
-    def any_everywhere(self, flag: bool, tag: str) -> bool:
+    def any_everywhere(self, flag: bool, tag: str, device: torch.device | str = "cpu") -> bool:
         """True on every rank when `flag` is True on any rank (machine first, then across)."""
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
         self.all_reduce(t, "intra", tag, op="max")
         self.all_reduce(t, "inter", tag, op="max")
         return bool(t.item() > 0)

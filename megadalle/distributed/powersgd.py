@@ -68,11 +68,12 @@ def default_rank(d_model: int) -> int:
     return max(PAPER_GPUS_PER_NODE, round(PAPER_RANK * d_model / PAPER_D_MODEL))
 
 
-def shard_rank(rank: int) -> int:
-    """Rank of each GPU shard's approximation: the paper's split of r into 8 ("112 per shard"),
-    kept whatever the number of GPUs per machine, so a shard's work and traffic scale with
-    d_model as in the paper."""
-    return max(1, math.ceil(rank / PAPER_GPUS_PER_NODE))
+def shard_rank(rank: int, gpus_per_node: int) -> int:
+    """Rank of each GPU shard's approximation: a machine spends rank r on every matrix, split over
+    its L GPUs, as the paper's 896 = 8 x 112 ("112 per GPU shard"). This keeps the rank relative to
+    a shard's size, hence the approximation quality, whatever L is; the bytes saved then depend on
+    L (see predicted_compression_rate)."""
+    return max(1, math.ceil(rank / gpus_per_node))
 
 
 def predicted_compression_rate(rank_per_shard: int, d_model: int, gpus_per_node: int) -> float:
@@ -81,7 +82,8 @@ def predicted_compression_rate(rank_per_shard: int, d_model: int, gpus_per_node:
     Per layer the weights are 4 d x d (attention) and 2 d x 4d (MLP) matrices, each split L ways
     along its larger side. A shard a x b at rank s sends (a + b) s numbers instead of a b:
     attention (d/L x d): s (L + 1)/d per number, MLP (d x 4d/L): s (L/4 + 1)/d; weighted 4:8 the
-    fraction sent is (L/2 + 1) s / d. With L = 8 and s = r/8 this is the paper's 1 - 5r/(8 d).
+    fraction sent is (L/2 + 1) s / d, i.e. r (1/2 + 1/L) / d with s = r/L. With L = 8 this is the
+    paper's 1 - 5r/(8 d); with 2 GPUs per machine it is 1 - r/d.
     """
     return 1.0 - (gpus_per_node / 2 + 1) * rank_per_shard / d_model
 
@@ -214,7 +216,7 @@ def pack(layout: Layout, grads: list[torch.Tensor | None], plain_grads: list[tor
 
 def _flat(grads: list[torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
     parts = [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
-    return torch.cat(parts) if parts else torch.zeros(0)
+    return torch.cat(parts) if parts else torch.zeros(0, device=params[0].device if params else None)
 
 
 def unpack(layout: Layout, buf: torch.Tensor, scale: float = 1.0) -> None:
@@ -222,7 +224,7 @@ def unpack(layout: Layout, buf: torch.Tensor, scale: float = 1.0) -> None:
     L, C = layout.gpus_per_node, layout.chunk
     chunks = buf.view(L, C)
     for i, m in enumerate(layout.matrices):
-        g2d = torch.empty(m.rows, m.cols, dtype=torch.float32)
+        g2d = torch.empty(m.rows, m.cols, dtype=torch.float32, device=buf.device)
         for loc in range(L):
             sh = layout.shards[loc][_position(layout, loc, i)]
             if sh.numel:
@@ -265,34 +267,36 @@ class PowerSGDExchange:
 
     model: nn.Module
     comm: Comm
-    rank: int  # the paper's r for the full matrix; each shard uses shard_rank(rank)
+    rank: int  # the paper's r for a whole matrix; each shard uses shard_rank(rank, L)
     compress: bool = True
     seed: int = 0
     eps: float = 1e-6
     uncompressed: list[str] = field(default_factory=list)
-    rank_per_shard: int = 0  # 0: shard_rank(rank)
+    rank_per_shard: int = 0  # 0: shard_rank(rank, L)
     steps: int = 0
     skipped: int = 0
 
     def __post_init__(self) -> None:
         g = self.comm.groups
         self.L, self.M, self.loc = g.gpus_per_node, g.machines, g.local_index
-        self.rank_per_shard = self.rank_per_shard or shard_rank(self.rank)
+        self.rank_per_shard = self.rank_per_shard or shard_rank(self.rank, self.L)
         # One machine: nothing crosses the network, so compression would only lose accuracy.
         self.compressing = self.compress and self.M > 1
         self.layout = build_layout(self.model, self.L, self.rank_per_shard, self.uncompressed, self.compressing)
         self._mine = [sh for sh in self.layout.shards[self.loc] if sh.rank > 0]
-        self.error = torch.zeros(self.layout.compressed_numel[self.loc])  # this rank's E, all shards
+        # Buffers live where the gradients are (NCCL collectives need CUDA tensors).
+        self.device = next(self.model.parameters()).device
+        self.error = torch.zeros(self.layout.compressed_numel[self.loc], device=self.device)  # this rank's E
         self._q = [self._draw_q(sh) for sh in self._mine]  # Q [b, s], fixed for the whole run
-        self._buf = torch.zeros(self.L * self.layout.chunk)  # packed gradients [L * chunk]
-        self._chunk = torch.zeros(self.layout.chunk)
+        self._buf = torch.zeros(self.L * self.layout.chunk, device=self.device)  # packed gradients [L * chunk]
+        self._chunk = torch.zeros(self.layout.chunk, device=self.device)
 
     # ---- set-up ----
     def _draw_q(self, sh: _Shard) -> torch.Tensor:
         # Same (seed, parameter, local index) -> same Q on every machine, so the all-reduced P = sum E Q
         # is the projection of the summed errors.
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + sh.param_index) * 1_009 + self.loc)
-        return torch.randn(sh.cols, sh.rank, generator=gen)  # (b, s)
+        return torch.randn(sh.cols, sh.rank, generator=gen).to(self.device)  # (b, s)
 
     def _error_view(self, j: int) -> torch.Tensor:
         sh = self._mine[j]
@@ -312,7 +316,7 @@ class PowerSGDExchange:
         chunk = self._chunk
         self.comm.reduce_scatter(chunk, self._buf, "intra", "grad.reduce_scatter")
         chunk.div_(self.L)  # (chunk,) machine-averaged gradient of this rank's shards
-        if self.comm.any_everywhere(not bool(torch.isfinite(chunk).all()), "nonfinite"):
+        if self.comm.any_everywhere(not bool(torch.isfinite(chunk).all()), "nonfinite", self.device):
             for p in [m.param for m in lay.matrices] + [p for _, p in lay.plain]:
                 if p.grad is not None:
                     p.grad.zero_()
@@ -361,7 +365,7 @@ class PowerSGDExchange:
         return {"version": 1, "gpus_per_node": self.L, "machines": self.M, "local_index": self.loc,
                 "rank": self.rank, "rank_per_shard": self.rank_per_shard, "compress": self.compressing,
                 "shards": self._signature(),
-                "error_sum": err_sum if self.comm.groups.machine == 0 else None,
+                "error_sum": err_sum.cpu() if self.comm.groups.machine == 0 else None,
                 "steps": self.steps, "skipped": self.skipped}
 
     def _signature(self) -> list[list[Any]]:
@@ -373,14 +377,15 @@ class PowerSGDExchange:
 
         Bad or mismatched entries raise ConfigError on EVERY rank (agreed first), never a hang."""
         problem = self._check_state(state)
-        if self.comm.any_everywhere(bool(problem), "state.check"):
+        if self.comm.any_everywhere(bool(problem), "state.check", self.device):
             raise ConfigError(problem or "another rank's PowerSGD checkpoint state does not fit this run "
                                          "(its error says why)")
         self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
         self.error.zero_()
         if not self.compressing or not state["compress"]:
             return
-        buf = state["error_sum"].float().clone() if self.comm.groups.machine == 0 else torch.empty_like(self.error)
+        buf = (state["error_sum"].to(self.device, torch.float32, copy=True) if self.comm.groups.machine == 0
+               else torch.empty_like(self.error))
         self.comm.broadcast(buf, self.loc, "inter", "state.error_broadcast")  # global rank loc = machine 0
         self.error.copy_(buf / self.M)
 
