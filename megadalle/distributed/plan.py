@@ -218,10 +218,10 @@ def paper_memory(c: ParamCounts, act: Activations, gpus_per_node: int, error_buf
 
 def sent_fraction(rank: int, d_model: int, gpus_per_node: int) -> float:
     """Fraction of a GPU's matrix-gradient bytes PowerSGD sends between machines: the paper's
-    5 r / (8 d_model) at 8 GPUs per machine (rank r / 8 per GPU shard; powersgd.py)."""
+    5 r / (8 d_model) at 8 GPUs per machine (rank r / L per GPU shard; powersgd.py)."""
     from megadalle.distributed.powersgd import predicted_compression_rate, shard_rank
 
-    return 1.0 - predicted_compression_rate(shard_rank(rank), d_model, gpus_per_node)
+    return 1.0 - predicted_compression_rate(shard_rank(rank, gpus_per_node), d_model, gpus_per_node)
 
 
 def _ring(n: int) -> float:
