@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 MPIRUN = shutil.which("mpirun", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 TORCHRUN = BIN / "torchrun"
+# Two steps of the tiny preset on synthetic tokens (no shards needed), over gloo.
+TINY_TRAIN = ("--preset", "tiny", "--train.synthetic_data=true", "--train.steps=2", "--train.micro_batch_size=2",
+              "--logging.progress=false", "--logging.tensorboard=false", "--distributed.backend=gloo")
 
 
 def free_port() -> int:
@@ -71,10 +74,10 @@ def test_mpirun_np2_trains_the_tiny_preset(tmp_path):
     need_mpi()
     if "train" not in COMMANDS:
         pytest.skip("`megadalle train` is not registered yet (training system)")
-    r = mpirun(2, sys.executable, "-m", "megadalle", "train", "--preset", "tiny", "--train.steps=2",
-               "--train.micro_batch_size=2", f"--logging.run_dir={tmp_path}", "--logging.progress=false",
-               "--distributed.backend=gloo", timeout=300)
+    r = mpirun(2, sys.executable, "-m", "megadalle", "train", *TINY_TRAIN, f"--logging.run_dir={tmp_path}",
+               timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "transformer" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
 def _two_torchrun_nodes(tmp_path: Path, *program: str, timeout: int = 180) -> list[subprocess.CompletedProcess]:
@@ -111,9 +114,8 @@ def test_four_processes_as_two_nodes_with_torchrun(tmp_path):
 def test_four_processes_as_two_nodes_train_the_tiny_preset(tmp_path):
     if "train" not in COMMANDS:
         pytest.skip("`megadalle train` is not registered yet (training system)")
-    results = _two_torchrun_nodes(tmp_path, "-m", "megadalle", "train", "--preset", "tiny", "--train.steps=2",
-                                  "--train.micro_batch_size=2", f"--logging.run_dir={tmp_path}",
-                                  "--logging.progress=false", "--distributed.backend=gloo",
+    results = _two_torchrun_nodes(tmp_path, "-m", "megadalle", "train", *TINY_TRAIN, f"--logging.run_dir={tmp_path}",
                                   "--distributed.gpus_per_node=2", timeout=300)
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "transformer" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
