@@ -22,3 +22,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process trainers export RANK/WORLD_SIZE/MASTER_* for DeepSpeed; undo that after each
+    test so that processes launched by later tests (srun/mpirun/torchrun simulations) do not
+    inherit a stale 1-rank layout."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -4,6 +4,9 @@ The group membership itself is checked with 4 real gloo processes in test_powers
 (test_groups_are_machines_and_local_indices), which shares that launch to save start-up time.
 """
 
+import subprocess
+import sys
+
 import pytest
 
 from megadalle.config import ConfigError, load_config
@@ -49,8 +52,10 @@ def test_cyclic_rank_numbering_is_refused():
 
 
 def test_build_groups_needs_an_initialised_process_group():
-    with pytest.raises(RuntimeError, match="initialised"):
-        build_groups(2)
+    # In a fresh interpreter: other tests in this process may have left a 1-rank group up.
+    code = ("import pytest\nfrom megadalle.distributed.groups import build_groups\n"
+            "with pytest.raises(RuntimeError, match='initialised'):\n    build_groups(2)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_config_field_is_validated():

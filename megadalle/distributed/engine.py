@@ -62,6 +62,11 @@ def init_distributed(dist_cfg: DistributedConfig) -> DistEnv:
 
     env = discover()
     if dist.is_available() and dist.is_initialized():
+        # A live group (a second trainer in this process): deepspeed.initialize still reads
+        # these from the environment, which may have changed since the group was made.
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
         return env
     # DeepSpeed reads these itself; set them from whichever launcher started us (srun and mpirun
     # do not), and invent a 1-rank rendezvous when nothing launched us.
