@@ -18,7 +18,6 @@ is trained once and shared.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -116,9 +115,10 @@ def worker(rank: int, args, port: int) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from megadalle.distributed.engine import init_distributed
     from megadalle.distributed.groups import build_groups
 
-    dist.init_process_group("gloo", rank=rank, world_size=args.world, timeout=datetime.timedelta(seconds=300))
+    init_distributed(load_config(args.preset, overrides={"distributed.timeout_s": 300}).distributed)
     groups = build_groups(args.gpus_per_node)
     args.shard_rank = 0
     off = run_mode(args, groups, rank, compress=False)

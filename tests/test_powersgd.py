@@ -6,7 +6,6 @@ writes what it measured to a JSON file and the tests below assert on those files
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
@@ -124,9 +123,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
     from megadalle.distributed.comm import Comm
+    from megadalle.distributed.engine import init_distributed
     from megadalle.distributed.groups import build_groups
 
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    init_distributed(TINY.replace(**{"distributed.timeout_s": 120}).distributed)  # gloo, as the Trainer does
     out: dict = {}
     groups = build_groups(gpus_per_node=GPUS_PER_NODE)
     comm = Comm(groups)
