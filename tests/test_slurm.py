@@ -122,23 +122,50 @@ def _progress(out: Path, ranks: int = 2) -> int:
     return min(steps)
 
 
-@pytest.mark.slow
-def test_usr1_before_time_limit_saves_stops_and_requeues(tmp_path):
-    p, out = _two_node_job(tmp_path)
-    deadline = time.monotonic() + 90
-    while _progress(out) < 3 and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert p.poll() is None, p.communicate()[1][-2000:]
-    p.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` delivers to the batch shell
+def test_srun_ranks_discover_their_nodes(tmp_path):
+    p, _ = _two_node_job(tmp_path, MEGADALLE_PROGRAM=f"{sys.executable} -m megadalle.distributed.launch env")
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr[-2000:]
-    assert "requeueing job 777" in stdout and "got SIGUSR1" in stderr
+    envs = sorted(line for line in stdout.splitlines() if line.startswith("DistEnv("))
+    port = re.search(r"master (\S+):(\d+)", stdout).group(2)
+    assert envs == [f"DistEnv(rank={r}, world_size=2, local_rank=0, local_world_size=1, launcher='srun', "
+                    f"node_rank={r}, num_nodes=2, master_addr='localhost', master_port={port})" for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_usr1_before_time_limit_saves_requeues_and_the_requeued_job_resumes(tmp_path):
+    """The whole protocol with `megadalle train` on 2 "nodes": USR1 to the batch shell -> srun ->
+    every rank stops after the same step with a checkpoint -> exit 75 -> scontrol requeue; the
+    job's second run (SLURM_RESTART_COUNT=1) resumes from that checkpoint and finishes."""
+    run = tmp_path / "run"
+    train = ["--preset", "tiny", "--train.synthetic_data=true", "--train.micro_batch_size=2", "--train.log_every=1",
+             "--checkpoint.every_steps=100000", "--logging.progress=false", "--logging.tensorboard=false",
+             "--distributed.backend=gloo", f"--logging.run_dir={run}"]
+    p, _ = _two_node_job(tmp_path, script_args=(*train, "--train.steps=100000"), MEGADALLE_PROGRAM="")
+    metrics = run / "transformer" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while p.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()[1][-3000:]
+    p.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` delivers to the batch shell
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "got SIGUSR1" in stderr and "requeueing job 777" in stdout
     assert "requeue 777" in (tmp_path / "slurm.log").read_text()
-    reports = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
-    # Two "nodes", ranks from the SLURM variables, both stopped after the same step.
-    assert [(r["launcher"], r["node_rank"], r["num_nodes"]) for r in reports] == [("srun", 0, 2), ("srun", 1, 2)]
-    assert reports[0]["steps"] == reports[1]["steps"] and all(r["stopped"] for r in reports)
-    assert reports[0]["master_addr"] == "localhost"
+    stopped_at = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    latest = run / "transformer" / "checkpoints" / "latest"
+    assert latest.read_text().strip() == f"step_{stopped_at:08d}"
+
+    # The requeued job: same script, same arguments (here two more steps), restart count 1.
+    p, _ = _two_node_job(tmp_path, script_args=(*train, f"--train.steps={stopped_at + 2}"), MEGADALLE_PROGRAM="",
+                         SLURM_RESTART_COUNT=1)
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "(restart 1/20)" in stdout and "train finished" in stdout
+    assert f"resumed from {latest.parent / f'step_{stopped_at:08d}'}" in stdout
+    assert latest.read_text().strip() == f"step_{stopped_at + 2:08d}"
 
 
 def test_deadline_is_exported_and_requeues_are_capped(tmp_path):
