@@ -126,7 +126,7 @@ def test_srun_ranks_discover_their_nodes(tmp_path):
     p, _ = _two_node_job(tmp_path, MEGADALLE_PROGRAM=f"{sys.executable} -m megadalle.distributed.launch env")
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr[-2000:]
-    envs = sorted(line for line in stdout.splitlines() if line.startswith("DistEnv("))
+    envs = sorted(re.findall(r"DistEnv\([^)]*\)", stdout))
     port = re.search(r"master (\S+):(\d+)", stdout).group(2)
     assert envs == [f"DistEnv(rank={r}, world_size=2, local_rank=0, local_world_size=1, launcher='srun', "
                     f"node_rank={r}, num_nodes=2, master_addr='localhost', master_port={port})" for r in (0, 1)]

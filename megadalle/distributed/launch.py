@@ -423,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "env":
-            print(discover())
+            # One write: the ranks of a job often share one unbuffered stdout.
+            sys.stdout.write(f"{discover()}\n")
+            sys.stdout.flush()
             return 0
         hosts = parse_hostnames("\n".join(expand_hostlist(args.nodelist)) if args.nodelist else sys.stdin.read())
         if args.expect_nodes and len(hosts) != args.expect_nodes:
