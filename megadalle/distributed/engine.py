@@ -14,6 +14,7 @@ torch.distributed for training. It provides:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -88,6 +89,9 @@ def init_distributed(dist_cfg: DistributedConfig) -> DistEnv:
     _quiet_deepspeed()
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=dist_cfg.timeout_s))
+    # One group per process, torn down at exit: DeepSpeed caches its sub-groups, so a group
+    # destroyed earlier could not serve a second engine in the same process (tests, notebooks).
+    atexit.register(close_distributed)
     import deepspeed
     import deepspeed.ops
 
@@ -104,10 +108,21 @@ def init_distributed(dist_cfg: DistributedConfig) -> DistEnv:
 
 
 def close_distributed() -> None:
+    """Tear the process group down, and DeepSpeed's cached sub-groups with it, so that a later
+    `init_distributed` in the same process starts clean."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    ds_groups = sys.modules.get("deepspeed.utils.groups")
+    if ds_groups is not None:
+        for name in list(vars(ds_groups)):
+            value = getattr(ds_groups, name)
+            if name.startswith("_") and name.isupper() and "GROUP" in name:
+                setattr(ds_groups, name, {} if isinstance(value, dict) else None)
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None:
+        ds_comm.cdb = None
 
 
 def rank() -> int:

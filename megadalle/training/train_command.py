@@ -28,16 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from megadalle.distributed.engine import close_distributed
     from megadalle.training.transformer_trainer import TransformerTrainer
 
     if args.resume is not None:
         cfg = cfg.replace(**{"checkpoint.resume": args.resume})
+    # The process group stays up until exit (distributed.engine registers its teardown).
     trainer = TransformerTrainer(cfg, deepspeed_config=args.deepspeed_config)
-    try:
-        summary = trainer.train()
-        if trainer.is_main:
-            print(summary.describe())
-    finally:
-        close_distributed()
+    summary = trainer.train()
+    if trainer.is_main:
+        print(summary.describe())
     return 0
