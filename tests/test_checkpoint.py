@@ -141,3 +141,27 @@ def test_explicit_resume_paths(trained, tmp_path):
                    dropout=0.0).train()
     assert s.steps_run == 3
     assert losses(run)[6] == losses(trained)[6]
+
+
+def test_zero0_bf16_export_holds_the_fp32_masters(tmp_path):
+    from megadalle.distributed.engine import full_fp32_named_parameters
+    from megadalle.tools.zero_to_safetensors import consolidate
+
+    t = ToyTrainer(toy_config(tmp_path, **{"precision.mode": "bf16", "train.steps": 3}), dropout=0.0)
+    t.train()
+    masters = dict(full_fp32_named_parameters(t.engine))
+    state, ckpt, meta = consolidate(_ckpts(tmp_path))
+    bf16 = ckpt_mod.load_torch(ckpt / "mp_rank_00_model_states.pt")["module"]
+    assert meta["precision"] == "bf16" and state.keys() == masters.keys()
+    assert all(state[k].dtype == torch.float32 and torch.equal(state[k], masters[k]) for k in state)
+    # ... which are not the rounded 16-bit copies the model ran with.
+    assert any(not torch.equal(state[k], bf16[k].float()) for k in state)
+    # Without the recorded names the masters cannot be paired: refused, not guessed.
+    ts = ckpt / "trainer_state.pt"
+    blob = ckpt_mod.load_torch(ts)
+    blob["optimizer_group_names"] = None
+    torch.save(blob, ts)
+    meta["files"]["trainer_state.pt"] = ts.stat().st_size
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="without the fp32 master weights or their names"):
+        consolidate(ckpt)

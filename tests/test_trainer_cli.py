@@ -33,6 +33,13 @@ def run_folder(tmp_path_factory):
                 captions.append(cap)
                 w.write_codes(f"{split}{i:04d}", rng.integers(0, 512, 64), cap)
     TextTokenizer.train(captions, vocab_size=300, text_len=32, min_frequency=1).save(root / "tokenizer.json")
+    # An untrained dVAE of the tiny geometry: enough to decode sample grids.
+    from megadalle.config import load_config
+    from megadalle.dvae.io import save_dvae
+    from megadalle.dvae.model import DiscreteVAE
+
+    dcfg = load_config("tiny").dvae
+    save_dvae(DiscreteVAE(dcfg), dcfg, root / "dvae")
     return root
 
 
@@ -44,7 +51,7 @@ def _train(run_dir, *extra: str) -> int:
 
 def test_train_on_token_shards_with_validation_and_resume(run_folder, capsys):
     args = ["--train.eval_every", "2", "--train.eval_batches", "2", "--tokenizer.bpe_dropout", "0.1",
-            "--train.schedule.plateau_patience", "1"]
+            "--train.schedule.plateau_patience", "1", "--train.sample_every", "4"]
     assert _train(run_folder, "--train.steps", "4", *args) == 0
     out = capsys.readouterr().out
     assert "trained to step 4 (4 steps this run" in out and "transformer.safetensors" in out
@@ -53,6 +60,7 @@ def test_train_on_token_shards_with_validation_and_resume(run_folder, capsys):
     records = read_jsonl(folder / "metrics.jsonl")
     assert any("val_loss" in r and "val_image_loss" in r for r in records)
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert (folder / "samples" / "step_00000004.png").is_file()
     # Resume (the default) continues from step 4 with the data position of every rank.
     assert _train(run_folder, "--train.steps", "6", *args) == 0
     assert "trained to step 6 (2 steps this run, resumed from" in capsys.readouterr().out

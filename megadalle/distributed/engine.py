@@ -373,6 +373,24 @@ def gathered(module: nn.Module) -> Iterator[None]:
         yield
 
 
+def master_params_stage0(engine: Any) -> dict[int, torch.Tensor]:
+    """id(model parameter) -> its fp32 master copy, where a ZeRO-0 16-bit optimizer keeps one."""
+    opt = engine.optimizer
+    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if engine.zero_optimization() or not isinstance(low, list) or not isinstance(high, list):
+        return {}
+    return {id(p): m for g16, g32 in zip(low, high) if isinstance(g16, list) and isinstance(g32, list)
+            for p, m in zip(g16, g32)}
+
+
+def optimizer_group_names(engine: Any) -> list[list[str]] | None:
+    """Parameter names per optimizer group (ZeRO-0 only: ZeRO groups hold flat partitions)."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    groups = getattr(engine.optimizer, "fp16_groups", None) or [g["params"] for g in engine.optimizer.param_groups]
+    out = [[names.get(id(p)) for p in g] for g in groups]
+    return None if any(n is None for g in out for n in g) else out
+
+
 def full_fp32_named_parameters(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full fp32 CPU tensor) for every parameter under any ZeRO stage and precision.
 
@@ -381,9 +399,11 @@ def full_fp32_named_parameters(engine: Any) -> Iterator[tuple[str, torch.Tensor]
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    # ZeRO-0 16-bit: DeepSpeed's unfused optimizer pairs each 16-bit parameter with an fp32 master.
+    masters = master_params_stage0(engine)
     for name, p in engine.module.named_parameters():
-        full = None
-        if engine.zero_optimization() or engine.bfloat16_enabled():
+        full = masters.get(id(p))
+        if full is None and (engine.zero_optimization() or engine.bfloat16_enabled()):
             full = safe_get_full_fp32_param(p)
         if full is None:
             if hasattr(p, "ds_id"):

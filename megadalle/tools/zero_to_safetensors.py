@@ -48,22 +48,24 @@ def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Path, dict]:
         blob = load_torch(model_file)
         state = dict(blob["module"])
         if any(t.dtype != torch.float32 for t in state.values() if t.is_floating_point()):
-            state = _fp32_masters_stage0(blob, state)
+            state = _fp32_masters_stage0(ckpt, blob, state)
     out = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
     return out, ckpt, meta
 
 
-def _fp32_masters_stage0(blob: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fp32 master weights of a ZeRO-0 16-bit run (DeepSpeed's fp16/bf16 optimizer state)."""
-    opt = blob.get("optimizer") or {}
-    groups = opt.get("fp32_groups") or opt.get("fp32_groups_flat")
-    names = list(blob.get("param_shapes", [{}])[0]) if blob.get("param_shapes") else []
-    if isinstance(groups, list) and groups and isinstance(groups[0], list):
-        flat = [t for g in groups for t in g]
-        if names and len(flat) == len(names) and all(state[n].shape == t.shape for n, t in zip(names, flat)):
-            return {**state, **dict(zip(names, flat))}
-    # No recoverable master copy: the 16-bit weights are what the model ran with.
-    return state
+def _fp32_masters_stage0(ckpt: Path, blob: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 master weights of a ZeRO-0 16-bit run: DeepSpeed's optimizer keeps them per group,
+    in the order of the parameter names our trainer state records."""
+    groups = (blob.get("optimizer") or {}).get("fp32_groups")
+    trainer_state = ckpt / "trainer_state.pt"
+    names = load_torch(trainer_state).get("optimizer_group_names") if trainer_state.is_file() else None
+    if not (isinstance(groups, list) and names and len(groups) == len(names)):
+        raise CheckpointError(f"{ckpt}: a 16-bit ZeRO-0 checkpoint without the fp32 master weights or their "
+                              f"names; only the 16-bit weights are stored")
+    masters = {n: t for g_names, g in zip(names, groups) for n, t in zip(g_names, g)}
+    if set(masters) != set(state) or any(masters[k].shape != state[k].shape for k in state):
+        raise CheckpointError(f"{ckpt}: the fp32 master weights do not match the model's parameters")
+    return masters
 
 
 def write(state: dict[str, torch.Tensor], ckpt: Path, meta: dict, out: str | Path) -> tuple[Path, Path]:

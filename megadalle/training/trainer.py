@@ -218,7 +218,9 @@ class Trainer:
         return {"step": self.step, "updates": self.updates, "skipped": self.skipped, "section": self.section,
                 "schedule": self.schedule.state_dict(),
                 "ema": self.ema.state_dict() if self.is_main and self.ema.enabled else None,
-                "extra": self.extra_state()}
+                "extra": self.extra_state(),
+                # Lets a converter pair DeepSpeed's per-group fp32 masters with names (ZeRO-0).
+                "optimizer_group_names": dist.optimizer_group_names(self.engine)}
 
     def rank_state(self) -> dict[str, Any]:
         return {"rng": rng_state(), "data": self.data.state_dict(),

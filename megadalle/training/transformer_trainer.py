@@ -171,6 +171,50 @@ class TransformerTrainer(Trainer):
         out = dalle_loss(self.cfg.transformer, text, codes, text_logits, image_logits)
         return out["loss"], {"text_loss": out["text_loss"].detach(), "image_loss": out["image_loss"].detach()}
 
+    def _sample_captions(self) -> list[str]:
+        """Up to 8 captions of the first validation (else training) shard batch, fixed for the run."""
+        if getattr(self, "_captions", None) is None:
+            from megadalle.data.loader import token_loader_from_config
+
+            split = "val" if self._token_source("val").exists() else "train"
+            loader = token_loader_from_config(self.cfg, 8, split, endless=False, rank=0, world_size=1)
+            self._captions = next(iter(loader), {"caption": []})["caption"][:8]
+        return self._captions
+
+    def write_samples(self, step: int) -> list[Path]:
+        """A grid of images sampled from the EMA weights for fixed captions, decoded by the run's
+        dVAE (`<run_dir>/dvae`): `samples/step_XXXXXXXX.png` and TensorBoard. Skipped (with one
+        message) without a dVAE or without captions (synthetic data)."""
+        model = self.ema_model()  # every rank: gathering is collective when EMA is off
+        if not self.is_main:
+            return []
+        dvae_dir = Path(self.cfg.logging.run_dir) / "dvae"
+        if self.tcfg.synthetic_data or not (dvae_dir / "dvae.safetensors").is_file():
+            if not getattr(self, "_warned_samples", False):
+                self.metrics.printer(f"sample grids skipped: they need captions and a dVAE at {dvae_dir}")
+                self._warned_samples = True
+            return []
+        from megadalle.dvae.io import load_dvae
+        from megadalle.generate.images import make_grid, save_png
+        from megadalle.transformer.sampling import generate
+
+        captions = self._sample_captions()
+        if not captions:
+            return []
+        dvae = load_dvae(dvae_dir)
+        text = self.tokenizer.encode(captions, train=False)
+        # Own generator: sampling must not shift the training RNG streams.
+        gen = torch.Generator().manual_seed(self.cfg.sampling.seed)
+        with torch.no_grad():
+            codes = generate(model, text, temperature=self.cfg.sampling.temperature, generator=gen)
+            g = self.cfg.transformer.image_grid
+            images = dvae.decode(codes.view(-1, g, g))  # (B, 3, H, W) in [0, 1]
+        grid = make_grid(images.float().cpu(), ncol=4)
+        path = save_png(grid, self.folder / "samples" / f"step_{step:08d}.png")
+        self.metrics.image("samples", (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8"), step)
+        self.metrics.text("sample_captions", "\n".join(f"{i}: {c}" for i, c in enumerate(captions)), step)
+        return [path]
+
     def tokens_in_batch(self, batch: dict[str, Any]) -> int:
         return int(batch["codes"].shape[0]) * self.cfg.transformer.seq_len
 
