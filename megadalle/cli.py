@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("megadalle.generate.sample_command", "generate images for captions, rerank, write a grid and JSON"),
     "eval": ("megadalle.eval.eval_command", "sample a caption set and score it (shapes accuracy, CLIP score, FID/IS)"),
     "train-clip": ("megadalle.training.clip_trainer", "train the contrastive reranker on the image shards"),
+    "demo": ("megadalle.demo", "the whole pipeline on the built-in shapes data, end to end (--quick: 1-2 min smoke run)"),
     "train": ("megadalle.training.train_command", "train the stage-2 transformer on token shards (DeepSpeed)"),
     "inspect": ("megadalle.tools.inspect_checkpoint", "show what a training checkpoint holds (step, sizes, dtypes, config)"),
 }

@@ -69,8 +69,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if cfg.clip.open_clip_checkpoint:
         raise CommandError("clip.open_clip_checkpoint is set: that reranker is used as is; train-clip trains "
                            "megadalle's own reranker, so unset clip.open_clip_model/open_clip_checkpoint")
+    from megadalle.distributed.engine import close_distributed
+
     trainer = ClipTrainer(cfg)
-    summary = trainer.train()
-    if trainer.is_main:
-        print(summary.describe())
+    try:
+        summary = trainer.train()
+        if trainer.is_main:
+            print(summary.describe())
+    finally:
+        close_distributed()
     return 0

@@ -1,0 +1,47 @@
+"""`megadalle demo --quick`: every stage for real (data, tokenizer, dVAE, encode, transformer,
+reranker, sample, eval), each as its own `megadalle` process; then a re-run that skips them all."""
+
+import json
+
+import pytest
+
+from megadalle.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    rc = main(["demo", "--quick", "--out", str(out)])
+    return out, rc
+
+
+def test_quick_demo_writes_grid_and_scores(quick_run, capsys):
+    out, rc = quick_run
+    assert rc == 0
+    for p in ("samples/grid.png", "samples/samples.json", "eval/eval.json", "eval/eval.txt", "demo-summary.json",
+              "dvae/dvae.safetensors", "transformer/transformer.safetensors", "clip/clip.safetensors",
+              "tokenizer.json"):
+        assert (out / p).is_file(), p
+    summary = json.loads((out / "demo-summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["data", "tokenizer", "dvae", "encode", "transformer",
+                                                      "reranker", "sample", "eval"]
+    assert all(s["status"] == "ran" for s in summary["stages"])
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    assert report["best_of_n"]["single_object"]["heldout"]["n"] == 1
+    assert 0.0 <= report["best_of_n"]["all"]["accuracy"] <= 1.0
+    samples = json.loads((out / "samples" / "samples.json").read_text())
+    assert len(samples["captions"]) >= 3
+
+
+def test_rerun_skips_complete_stages(quick_run, capsys):
+    out, _ = quick_run
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    summary = json.loads((out / "demo-summary.json").read_text())
+    assert all(s["status"] == "skipped" for s in summary["stages"])
+    assert "already complete, skipped" in capsys.readouterr().out
+
+
+def test_run_folder_of_another_config_is_refused(quick_run, capsys):
+    out, _ = quick_run
+    assert main(["demo", "--out", str(out)]) == 2  # the full settings into the quick run's folder
+    assert "different settings" in capsys.readouterr().err
