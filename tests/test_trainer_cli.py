@@ -110,3 +110,18 @@ def test_a_second_trainer_after_closing_the_process_group(tmp_path):
     ToyTrainer(toy_config(tmp_path / "a", **{"train.steps": 1, "distributed.zero_stage": 1})).train()
     close_distributed()
     assert ToyTrainer(toy_config(tmp_path / "b", **{"train.steps": 1, "distributed.zero_stage": 1})).train().final_step == 1
+
+
+def test_resume_on_token_shards_is_bit_identical(run_folder, tmp_path):
+    """The loader's position (shuffle buffer included) survives the checkpoint: with BPE dropout
+    off (the tokenizers library's dropout is unseeded), a stopped and resumed run repeats the
+    uninterrupted run's losses exactly."""
+    from trainer_toy import losses
+
+    data = ["--data.token_source", str(run_folder / "tokens"), "--tokenizer.path", str(run_folder / "tokenizer.json"),
+            "--tokenizer.bpe_dropout", "0", "--data.shuffle_buffer", "8", "--checkpoint.every_steps", "3"]
+    assert _train(tmp_path / "full", "--train.steps", "6", *data) == 0
+    assert _train(tmp_path / "split", "--train.steps", "3", *data) == 0
+    assert _train(tmp_path / "split", "--train.steps", "6", *data) == 0
+    full, split = losses(tmp_path / "full", "transformer"), losses(tmp_path / "split", "transformer")
+    assert sorted(full) == list(range(1, 7)) and full == split
