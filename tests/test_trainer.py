@@ -192,3 +192,13 @@ def test_ema_average_and_state():
     drained = EMA(0.5, 25)
     drained.update([("w", torch.tensor([1.0]))], keep=False)
     assert drained.params == {} and drained.updates == 0
+
+
+def test_optimizer_offload_with_bf16_zero3_trains_and_resumes(tmp_path):
+    over = {"precision.mode": "bf16", "distributed.zero_stage": 3, "distributed.offload_optimizer": True}
+    full = ToyTrainer(toy_config(tmp_path / "full", **over), dropout=0.0)
+    full.train()
+    ToyTrainer(toy_config(tmp_path / "split", **{**over, "train.steps": 3}), dropout=0.0).train()
+    ToyTrainer(toy_config(tmp_path / "split", **over), dropout=0.0).train()
+    assert losses(tmp_path / "full") == losses(tmp_path / "split")
+    assert full.engine.zero_optimization_stage() == 3 and full.engine.zero_cpu_offload()
