@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from megadalle.config import ConfigError
 from megadalle.distributed.watchdog import EXIT_PEER_FAILURE, EXIT_REQUEUE, GracefulStop
 
 pytestmark = pytest.mark.slow
@@ -145,5 +146,5 @@ def test_graceful_stop_single_process(monkeypatch):
     finally:
         stop.uninstall()
     monkeypatch.setenv("MEGADALLE_STOP_AT", "tomorrow")
-    with pytest.raises(ValueError, match="unix seconds"):
+    with pytest.raises(ConfigError, match="unix seconds"):
         GracefulStop()

@@ -37,6 +37,7 @@ import time
 from datetime import timedelta
 from typing import Any, Iterator
 
+from megadalle.config import ConfigError
 from megadalle.distributed.launch import DistEnv
 
 EXIT_ERROR = 1
@@ -65,7 +66,8 @@ class GracefulStop:
             try:
                 stop_at = float(env_stop)
             except ValueError:
-                raise ValueError(f"{STOP_AT_ENV}={env_stop!r} must be unix seconds (date +%s)") from None
+                raise ConfigError(f"{STOP_AT_ENV}={env_stop!r} must be unix seconds (date +%s); "
+                                  f"fix or unset it") from None
         self.stop_at = stop_at
         self.reason = ""
         self._flag = False
@@ -74,6 +76,11 @@ class GracefulStop:
     @property
     def exit_code(self) -> int:
         return EXIT_REQUEUE
+
+    @property
+    def flagged(self) -> bool:
+        """A stop was requested here or seen from another rank (no deadline check)."""
+        return self._flag
 
     @property
     def requested(self) -> bool:
@@ -333,7 +340,7 @@ class TrainingGuard:
 
     @property
     def stopped(self) -> bool:
-        return self.stop._flag
+        return self.stop.flagged
 
     def start(self) -> "TrainingGuard":
         if threading.current_thread() is threading.main_thread():
