@@ -333,7 +333,7 @@ def test_nonfinite_skips_on_every_rank(results):
 def test_trainer_trains_and_resumes_with_powersgd(results):
     tr = results[0]["trainer"]
     assert tr["hooks"] == ["DeepSpeedExchange"] and tr["ds_allreduce"] is False
-    assert tr["metrics"]["inter_bytes_per_step"] > 0
+    assert tr["metrics"]["powersgd_inter_bytes"] > 0
     straight = {int(k): v for k, v in tr["straight"].items()}
     resumed = {int(k): v for k, v in tr["resumed"].items()}
     assert sorted(straight) == sorted(resumed) == list(range(1, 7))

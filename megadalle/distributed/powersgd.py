@@ -33,7 +33,11 @@ Why the all-gather in 4: the paper's machines keep parameters sharded (ZeRO-3 st
 their shard's gradient. DeepSpeed's ZeRO-0/1/2 keep full parameters on every rank and partition the
 optimizer state (ZeRO-1/2) over ALL ranks in flat buckets that do not line up with our per-matrix
 shards, so we hand DeepSpeed the full averaged gradient and let its own machinery take its
-partition without communicating (`attach_to_engine`). The all-gather is intra-machine traffic only.
+partition without communicating (`DeepSpeedExchange`: ZeRO 0 and 1; ZeRO-2/3 reduce inside their
+backward hooks and are refused). The all-gather is intra-machine traffic only.
+
+Rank: a machine spends rank r on every matrix (default: the paper's 896 scaled to d_model), each of
+its L GPUs compresses its shard at ceil(r / L) (the paper: 896 = 8 x 112).
 
 Error buffers live only for this rank's compressed shards (fp32, 1/L of the compressed weights).
 In a checkpoint (per-rank files) they are stored as the SUM over machines, once per local index
@@ -486,8 +490,10 @@ class DeepSpeedExchange:
         return ok
 
     def metrics(self) -> dict[str, float]:
+        """Mean bytes per exchanged step each rank put on the wire, per level (for the trainer's log)."""
         comm, steps = self.exchange.comm, max(1, self.exchange.steps)
-        return {"inter_bytes_per_step": comm.bytes("inter") / steps, "intra_bytes_per_step": comm.bytes("intra") / steps}
+        return {"powersgd_inter_bytes": comm.bytes("inter") / steps,
+                "powersgd_intra_bytes": comm.bytes("intra") / steps}
 
     def state_dict(self) -> dict[str, Any]:
         return self.exchange.state_dict()
