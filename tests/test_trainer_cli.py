@@ -125,3 +125,16 @@ def test_resume_on_token_shards_is_bit_identical(run_folder, tmp_path):
     assert _train(tmp_path / "split", "--train.steps", "6", *data) == 0
     full, split = losses(tmp_path / "full", "transformer"), losses(tmp_path / "split", "transformer")
     assert sorted(full) == list(range(1, 7)) and full == split
+
+
+def test_every_evaluation_sees_the_same_validation_batches(run_folder, tmp_path):
+    from megadalle.config import load_config
+    from megadalle.training.transformer_trainer import TransformerTrainer
+
+    cfg = load_config("tiny", None, {"logging.run_dir": str(tmp_path), "data.token_source": str(run_folder / "tokens"),
+                                     "tokenizer.path": str(run_folder / "tokenizer.json"), "train.eval_every": 1,
+                                     "train.eval_batches": 2, "train.micro_batch_size": 2, "logging.progress": False})
+    trainer = TransformerTrainer(cfg)
+    trainer.setup()
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["val_loss"] > 0 and first == second

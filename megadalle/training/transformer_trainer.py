@@ -155,14 +155,17 @@ class TransformerTrainer(Trainer):
             return None
         from megadalle.data.loader import token_loader_from_config
 
-        return token_loader_from_config(self.cfg, micro, "val", endless=False, rank=self.rank, world_size=self.world)
+        # A fresh loader per evaluation: every evaluation sees the same first `eval_batches`.
+        return _Restartable(lambda: token_loader_from_config(self.cfg, micro, "val", endless=False, rank=self.rank,
+                                                             world_size=self.world))
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.engine.device
         if "text" in batch:
             text = batch["text"]
         else:
-            text = self.tokenizer.encode(batch["caption"], train=self.engine.training)
+            # The module's flag: DeepSpeed's engine.eval() leaves engine.training set.
+            text = self.tokenizer.encode(batch["caption"], train=self.engine.module.training)
         return text.to(device), batch["codes"].to(device)
 
     def compute_loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
