@@ -574,9 +574,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "2.8b": {**_transformer_preset(2560, 32, 40)},
     "5.6b": {**_transformer_preset(3072, 48, 48)},
     # The paper: 64 layers, 62 heads of 64, d_model 3968.
+    # ZeRO-3 because `megadalle plan` shows only full sharding fits a 16 GB V100 (3.65 GiB per
+    # GPU; ZeRO-2 keeps every 16-bit weight on every GPU: 26.2 GiB). PowerSGD combines with
+    # ZeRO 0/1 only, so it is off here; rank 896 is kept for runs that turn it on at ZeRO-1.
     "12b": {**_transformer_preset(3968, 64, 62), "precision": {"mode": "fp16_per_resblock"},
-            "distributed": {"zero_stage": 2, "activation_checkpointing": True,
-                            "powersgd": {"enabled": True, "rank": 896}},
+            "distributed": {"zero_stage": 3, "activation_checkpointing": True,
+                            "powersgd": {"enabled": False, "rank": 896}},
             "train": {"steps": 430_000, "micro_batch_size": 1}},
 }
 # The full-size presets keep the default (paper) geometry: 256 px -> 32x32 tokens from the

@@ -33,7 +33,7 @@ def _params(trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in full_fp32_named_parameters(trainer.engine)}
 
 
-@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("zero", [1, 2, 3])
 def test_per_resblock_mode_trains_skips_and_resumes(tmp_path, zero):
     common = {"distributed.zero_stage": zero, "checkpoint.every_steps": 2}
     ToyTrainer(toy_config(tmp_path / "fp32", **common, **{"train.steps": 2}), dropout=0.0).train()
