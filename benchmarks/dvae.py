@@ -108,9 +108,9 @@ def main() -> None:
             ("peak RSS (GB)", lambda r: f"{r['peak_rss_gb']:.2f}"),
             ("RSS growth in model+train (GB)", lambda r: f"{r['rss_growth_gb']:.2f}")]
     print(f"dVAE training step, {machine} ({tiny['threads']} torch threads)")
-    print(f"{'':34}{'tiny':>18}{'full (paper)':>18}")
+    print(f"{'':34}{'tiny':>24}{'full (paper)':>24}")
     for name, f in rows:
-        print(f"{name:34}{f(tiny):>18}{f(full):>18}")
+        print(f"{name:34}{f(tiny):>24}{f(full):>24}")
     print(f"full / tiny time per image: {tiny['images_per_s'] / full['images_per_s']:.0f}x")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
