@@ -97,7 +97,8 @@ class DVAETrainer(Trainer):
         noise = L.per_sample_gumbel((self.cfg.dvae.vocab_size, g, g), seeds, device=device)
         tau, beta = self.schedules.tau(self.updates), self.schedules.beta(self.updates)
         out = model(x, tau, beta, noise)
-        if model.training:
+        # DeepSpeed's engine.eval() leaves the engine's own flag set; the module's is reliable.
+        if getattr(model, "module", model).training:
             self._usage += L.code_counts(out["codes"], self.cfg.dvae.vocab_size).cpu()
         metrics = {"rec": out["rec"].detach(), "kl": out["kl"].detach(), "beta": beta, "tau": tau,
                    "psnr": L.psnr(out["recon"], x)}
