@@ -138,3 +138,24 @@ def test_every_evaluation_sees_the_same_validation_batches(run_folder, tmp_path)
     trainer.setup()
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first["val_loss"] > 0 and first == second
+
+
+@pytest.mark.parametrize("predict_padding", [True, False])
+def test_trainer_loss_equals_the_models_own_loss(predict_padding):
+    """The trainer computes the loss from the engine's forward (ZeRO-3 needs the forward to run
+    through the engine); it must equal DALLETransformer.loss."""
+    import torch
+
+    from megadalle.config import load_config
+    from megadalle.training.transformer_trainer import dalle_loss
+    from megadalle.transformer.model import DALLETransformer
+
+    cfg = load_config("tiny", None, {"transformer.predict_padding": predict_padding}).transformer
+    torch.manual_seed(0)
+    model = DALLETransformer(cfg)
+    text = torch.randint(1, cfg.text_vocab_size, (3, cfg.text_len))
+    text[:, 10:] = 0
+    codes = torch.randint(0, cfg.image_vocab_size, (3, cfg.image_len))
+    ours = dalle_loss(cfg, text, codes, *model(text, codes))
+    theirs = model.loss(text, codes)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ("loss", "text_loss", "image_loss"))
