@@ -22,19 +22,20 @@ from megadalle.config import ConfigError, PRESETS, load_config
 
 # name -> (module, one-line help). Add a command here and nowhere else.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("megadalle.tools.convert", "convert checkpoints (openai-dvae, ...)"),
+    # In pipeline order: `megadalle --help` lists them this way.
+    "demo": ("megadalle.demo", "the whole pipeline on the built-in shapes data, end to end (--quick: 1-2 min smoke run)"),
+    "data": ("megadalle.data.data_command", "build the shapes data set as shards; check shards for bad input"),
+    "tokenizer": ("megadalle.data.tokenizer_command", "train the caption BPE tokenizer; show encodings"),
     "train-dvae": ("megadalle.training.dvae_trainer", "train the discrete VAE (stage 1); exports <run_dir>/dvae/"),
     "encode": ("megadalle.dvae.encode", "turn image shards into dVAE token shards for stage 2 (parallel over ranks, resumable)"),
     "reconstruct": ("megadalle.dvae.reconstruct", "encode and decode images with a dVAE; side-by-side PNGs"),
-    "data": ("megadalle.data.data_command", "build the shapes data set as shards; check shards for bad input"),
-    "tokenizer": ("megadalle.data.tokenizer_command", "train the caption BPE tokenizer; show encodings"),
-    "plan": ("megadalle.distributed.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
+    "train": ("megadalle.training.train_command", "train the stage-2 transformer on token shards (DeepSpeed)"),
+    "train-clip": ("megadalle.training.clip_trainer", "train the contrastive reranker on the image shards"),
     "sample": ("megadalle.generate.sample_command", "generate images for captions, rerank, write a grid and JSON"),
     "eval": ("megadalle.eval.eval_command", "sample a caption set and score it (shapes accuracy, CLIP score, FID/IS)"),
-    "train-clip": ("megadalle.training.clip_trainer", "train the contrastive reranker on the image shards"),
-    "demo": ("megadalle.demo", "the whole pipeline on the built-in shapes data, end to end (--quick: 1-2 min smoke run)"),
-    "train": ("megadalle.training.train_command", "train the stage-2 transformer on token shards (DeepSpeed)"),
+    "convert": ("megadalle.tools.convert", "convert checkpoints (openai-dvae, ...)"),
     "inspect": ("megadalle.tools.inspect_checkpoint", "show what a training checkpoint holds (step, sizes, dtypes, config)"),
+    "plan": ("megadalle.distributed.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
 }
 
 
