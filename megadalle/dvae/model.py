@@ -71,42 +71,40 @@ class Conv2d(nn.Module):
         return f"{self.n_in}, {self.n_out}, kw={self.kw}" + (", fp32" if self.fp32 else "")
 
 
-class EncoderBlock(nn.Module):
-    """Bottleneck resblock: relu,3x3, relu,3x3, relu,3x3, relu,1x1 with a 1/n_layers^2 gain."""
+class _BottleneckBlock(nn.Module):
+    """Resblock of four relu+conv pairs, hidden width n_out/4, residual scaled by 1/n_layers^2.
+
+    Submodule names (`id_path`, `res_path.conv_1` ...) are those of OpenAI's release, so that
+    imported weights load by name; subclasses differ only in the kernel sizes.
+    """
+
+    kernels: tuple[int, int, int, int]
 
     def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
         super().__init__()
         n_hid = n_out // 4
         self.post_gain = 1.0 / n_layers ** 2
         self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", Conv2d(n_in, n_hid, 3)),
-            ("relu_2", nn.ReLU()), ("conv_2", Conv2d(n_hid, n_hid, 3)),
-            ("relu_3", nn.ReLU()), ("conv_3", Conv2d(n_hid, n_hid, 3)),
-            ("relu_4", nn.ReLU()), ("conv_4", Conv2d(n_hid, n_out, 1)),
-        ]))
+        widths = (n_in, n_hid, n_hid, n_hid, n_out)
+        layers: list[tuple[str, nn.Module]] = []
+        for i, k in enumerate(self.kernels, start=1):
+            layers += [(f"relu_{i}", nn.ReLU()), (f"conv_{i}", Conv2d(widths[i - 1], widths[i], k))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-class DecoderBlock(nn.Module):
-    """Decoder resblock: relu,1x1, relu,3x3, relu,3x3, relu,3x3 with a 1/n_layers^2 gain."""
+class EncoderBlock(_BottleneckBlock):
+    """relu,3x3, relu,3x3, relu,3x3, relu,1x1."""
 
-    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = 1.0 / n_layers ** 2
-        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", Conv2d(n_in, n_hid, 1)),
-            ("relu_2", nn.ReLU()), ("conv_2", Conv2d(n_hid, n_hid, 3)),
-            ("relu_3", nn.ReLU()), ("conv_3", Conv2d(n_hid, n_hid, 3)),
-            ("relu_4", nn.ReLU()), ("conv_4", Conv2d(n_hid, n_out, 3)),
-        ]))
+    kernels = (3, 3, 3, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+class DecoderBlock(_BottleneckBlock):
+    """relu,1x1, relu,3x3, relu,3x3, relu,3x3."""
+
+    kernels = (1, 3, 3, 3)
 
 
 def _widths(cfg: DVAEConfig) -> list[int]:
