@@ -1,4 +1,5 @@
-"""Stage-2 training throughput and memory side by side: ZeRO 0/1/2/3 and activation checkpointing.
+"""Stage-2 training throughput and memory side by side: ZeRO 0/1/2/3, activation checkpointing,
+and the cost of per-resblock fp16 gradient scaling against plain fp16.
 
 Each configuration is one real 2-rank launch (`deepspeed --num_gpus 2`, gloo on CPU) of the
 tiny preset transformer on synthetic tokens, so that peak memory is per configuration. Every rank
@@ -152,6 +153,22 @@ def worker(args: argparse.Namespace) -> None:
     dist.close_distributed()
 
 
+def fp16_overhead(preset: str, steps: int, batch: int) -> dict[str, float]:
+    """Per-resblock fp16 scaling vs plain fp16 with one global loss scale, same model and batch,
+    in this process (DeepSpeed refuses fp16 on CPU, so plain fp16 uses torch's GradScaler)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from resblock_scaling import run
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain = run("fp16", preset, steps, batch, device)
+    per_block = run("fp16_per_resblock", preset, steps, batch, device)
+    return {"plain_fp16_tokens_per_s": plain["tokens_per_s"],
+            "per_resblock_tokens_per_s": per_block["tokens_per_s"],
+            "ratio": per_block["tokens_per_s"] / plain["tokens_per_s"]}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,6 +200,8 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", help="fp32 or bf16 (fp16 needs a GPU)")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
+    p.add_argument("--fp16-overhead-steps", type=int, default=6,
+                   help="steps of the per-resblock vs plain fp16 comparison (0 skips it)")
     # worker mode (launched by the driver)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--name", default="zero0", help=argparse.SUPPRESS)
@@ -222,6 +241,12 @@ def main() -> None:
         print(f"\nactivation checkpointing (ZeRO-0): tokens/s on/off = {on['tokens_per_s'] / off['tokens_per_s']:.2f} "
               f"(per CPU-second {on['tokens_per_cpu_s'] / off['tokens_per_cpu_s']:.2f}); peak memory on/off = "
               f"{on['peak_memory_bytes'] / off['peak_memory_bytes']:.2f}")
+    overhead = None
+    if args.fp16_overhead_steps:
+        overhead = fp16_overhead(args.preset, args.fp16_overhead_steps, args.micro)
+        print(f"\nper-resblock fp16 scaling vs plain fp16 (one process, same model and batch): tokens/s "
+              f"{overhead['per_resblock_tokens_per_s']:.0f} vs {overhead['plain_fp16_tokens_per_s']:.0f} "
+              f"= {overhead['ratio']:.2f}x")
     if any(r[0].get("mfu") for r in results.values()):
         for name, ranks in results.items():
             print(f"MFU {name}: {ranks[0]['mfu']:.3f}")
@@ -230,7 +255,7 @@ def main() -> None:
     out.write_text(json.dumps({"machine": {"processor": platform.processor(), "cpus": os.cpu_count()},
                                "settings": {k: getattr(args, k) for k in ("steps", "warmup", "micro", "ranks",
                                                                           "preset", "precision")},
-                               "results": results}, indent=1))
+                               "results": results, "fp16_per_resblock_vs_fp16": overhead}, indent=1))
     print(f"\nwrote {out}")
 
 
