@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,9 @@ from megadalle.distributed import engine as dist
 from megadalle.dvae import loss as L
 from megadalle.dvae.model import DiscreteVAE
 from megadalle.dvae.schedules import DVAESchedules
+from megadalle.training.sample_seeds import sample_seed as noise_seed
 from megadalle.training.schedules import LRSchedule
 from megadalle.training.trainer import Trainer
-
-
-def noise_seed(seed: int, update: int, key: str) -> int:
-    """A stable 63-bit seed for one sample's Gumbel noise at one update (not Python's hash)."""
-    digest = hashlib.blake2b(f"{seed}/{update}/{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class PaperLRSchedule(LRSchedule):

@@ -29,6 +29,7 @@ from torch import nn
 
 from megadalle.cli import CommandError
 from megadalle.config import Config, TransformerConfig
+from megadalle.training.sample_seeds import sample_uniform
 from megadalle.training.trainer import Trainer
 
 
@@ -50,10 +51,12 @@ class SyntheticTokens:
     def __iter__(self):
         while True:
             first = self.position * self.batch * self.world
-            samples = [self._sample(first + j * self.world + self.rank) for j in range(self.batch)]
+            index = [first + j * self.world + self.rank for j in range(self.batch)]
+            samples = [self._sample(i) for i in index]
             self.position += 1
             yield {"text": torch.from_numpy(np.stack([s[0] for s in samples])),
-                   "codes": torch.from_numpy(np.stack([s[1] for s in samples]))}
+                   "codes": torch.from_numpy(np.stack([s[1] for s in samples])),
+                   "key": [f"synthetic-{i}" for i in index]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position}
@@ -72,6 +75,21 @@ def dalle_loss(cfg: TransformerConfig, text: torch.Tensor, codes: torch.Tensor, 
     image_loss = F.cross_entropy(image_logits.flatten(0, 1), codes.flatten())
     w = cfg.text_loss_weight
     return {"loss": w * text_loss + (1 - w) * image_loss, "text_loss": text_loss, "image_loss": image_loss}
+
+
+def drop_captions(text: torch.Tensor, keys: list[str], fraction: float, seed: int, update: int) -> torch.Tensor:
+    """Replace the captions of about `fraction` of the samples by the null caption (all padding),
+    so that the model also learns p(image) and sampling can use classifier-free guidance.
+
+    Which samples lose their caption depends only on (seed, update, key): the same on any number
+    of ranks and after a resume. text: (B, T) long; returns a new tensor.
+    """
+    if fraction <= 0:
+        return text
+    if len(keys) != text.shape[0]:
+        raise ValueError(f"caption dropout needs one key per sample, got {len(keys)} keys for {text.shape[0]} captions")
+    drop = torch.tensor([sample_uniform(seed, update, f"caption/{k}") < fraction for k in keys], device=text.device)
+    return text.masked_fill(drop[:, None], 0)
 
 
 def transformer_flops_per_sample(cfg: TransformerConfig) -> float:
@@ -170,6 +188,8 @@ class TransformerTrainer(Trainer):
 
     def compute_loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         text, codes = self._inputs(batch)
+        if self.cfg.transformer.caption_drop > 0 and self.engine.module.training:
+            text = drop_captions(text, batch["key"], self.cfg.transformer.caption_drop, self.tcfg.seed, self.updates)
         text_logits, image_logits = model(text, codes)
         out = dalle_loss(self.cfg.transformer, text, codes, text_logits, image_logits)
         return out["loss"], {"text_loss": out["text_loss"].detach(), "image_loss": out["image_loss"].detach()}
