@@ -24,23 +24,20 @@ def repo_root() -> Path:
     return ROOT
 
 
-# Variables a launcher sets to describe a rank. Tests start without them, so that every
-# launch simulated by a test (srun, mpirun, torchrun, deepspeed) sees only what it sets itself.
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "GROUP_RANK", "ROLE_RANK", "NODE_RANK", "CROSS_RANK", "CROSS_SIZE", "TORCHELASTIC_RUN_ID")
-_LAUNCHER_PREFIXES = ("OMPI_COMM_WORLD_", "PMI_", "PMIX_", "SLURM_")
-
-
 @pytest.fixture(autouse=True)
 def _isolate_launcher_environment():
     """In-process trainers (some in module-scoped fixtures) export RANK/WORLD_SIZE/MASTER_* for
     DeepSpeed. Strip launcher variables before each test and restore the environment after, so
     that no test inherits another's rank layout. A process group that is already up does not need
     them (engine.init_distributed re-exports what DeepSpeed reads)."""
+    # Tests start without launcher variables, so that every launch a test simulates (srun, mpirun,
+    # torchrun, deepspeed) sees only what it sets itself.
+    from megadalle.distributed.launch import without_launcher_vars
+
     saved = dict(os.environ)
-    for key in list(os.environ):
-        if key in _LAUNCHER_VARS or key.startswith(_LAUNCHER_PREFIXES):
-            del os.environ[key]
+    kept = without_launcher_vars(saved)
+    os.environ.clear()
+    os.environ.update(kept)
     yield
     os.environ.clear()
     os.environ.update(saved)

@@ -125,3 +125,31 @@ def test_schedule_fractions_are_validated():
         DVAEConfig(kl_warmup_fraction=1.5)
     with pytest.raises(ConfigError, match="lr_anneal_fraction"):
         load_config(overrides={"dvae.lr_anneal_fraction": -0.1})
+
+
+def test_gaussian_reconstruction_by_hand():
+    y, mean, sigma = 0.3, 0.45, 0.1
+    want = 0.5 * ((y - mean) / sigma) ** 2 + math.log(sigma * math.sqrt(2 * math.pi))
+    got = L.gaussian_nll(torch.tensor(y, dtype=torch.float64), torch.tensor(mean, dtype=torch.float64), sigma)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    # In the ELBO the mean is sigmoid(mu) against the mapped pixel; the log-scale channels are unused.
+    torch.manual_seed(0)
+    x, stats, logits = torch.rand(2, 3, 4, 4), torch.randn(2, 6, 4, 4), torch.randn(2, 5, 2, 2)
+    out = L.elbo_terms(x, stats, logits, kl_weight=1.0, eps=0.1, reconstruction="gaussian", sigma=0.2)
+    nll = L.gaussian_nll(0.8 * x + 0.1, torch.sigmoid(stats[:, :3]), 0.2)
+    assert out["rec"].item() == pytest.approx(nll.mean().item(), rel=1e-6)
+    stats2 = stats.clone()
+    stats2[:, 3:] += 5.0
+    out2 = L.elbo_terms(x, stats2, logits, kl_weight=1.0, eps=0.1, reconstruction="gaussian", sigma=0.2)
+    assert out2["loss"].item() == out["loss"].item()
+    with pytest.raises(ValueError, match="unknown reconstruction loss"):
+        L.elbo_terms(x, stats, logits, kl_weight=1.0, eps=0.1, reconstruction="l2")
+
+
+def test_reconstruction_options_are_validated():
+    with pytest.raises(ConfigError, match="dvae.reconstruction_loss='mse'"):
+        load_config(overrides={"dvae.reconstruction_loss": "mse"})
+    with pytest.raises(ConfigError, match="dvae.gaussian_sigma"):
+        DVAEConfig(gaussian_sigma=0.0)
+    with pytest.raises(ConfigError, match="dvae.init_pixel_value"):
+        DVAEConfig(init_pixel_value=1.5)

@@ -135,3 +135,18 @@ def test_save_load_roundtrip_and_bad_folders(tmp_path):
     (tmp_path / "w" / "dvae.safetensors").unlink()
     with pytest.raises(CommandError, match="no dvae.safetensors"):
         load_dvae(tmp_path / "w")
+
+
+@pytest.mark.parametrize("value", [1.0, 0.25])
+def test_decoder_output_starts_at_the_configured_pixel_value(value):
+    """With dvae.init_pixel_value the untrained decoder's output bias decodes to that value
+    (only the bias is set: the weights keep OpenAI's initialisation)."""
+    cfg = load_config("tiny", None, {"dvae.init_pixel_value": value}).dvae
+    torch.manual_seed(0)
+    model = DiscreteVAE(cfg)
+    conv = model.decoder.blocks.output.conv
+    pixel = model.stats_to_image(conv.b.view(1, -1, 1, 1))
+    torch.testing.assert_close(pixel, torch.full_like(pixel, value))
+    assert torch.equal(conv.b[3:], torch.zeros(3))
+    default = DiscreteVAE(load_config("tiny", None, {"dvae.init_pixel_value": -1}).dvae)
+    assert torch.equal(default.decoder.blocks.output.conv.b, torch.zeros(6))

@@ -171,3 +171,11 @@ def test_hostfile_from_scontrol_output(tmp_path):
     assert r.returncode == 0 and out.read_text() == "n1 slots=4\nn2 slots=4\n"
     r = subprocess.run(cmd + ["--nodelist", "n[1-3]", "--expect-nodes", "2"], text=True, capture_output=True)
     assert r.returncode == 2 and "3 host(s) given but --expect-nodes=2" in r.stderr
+
+
+def test_single_process_children_drop_every_launcher_variable():
+    from megadalle.distributed.launch import without_launcher_vars
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500", "SLURM_PROCID": "1", "OMPI_COMM_WORLD_RANK": "1",
+           "PMI_RANK": "1", "MEGADALLE_LAUNCHER": "srun", "PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    assert without_launcher_vars(env) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}

@@ -95,6 +95,19 @@ class DistEnv:
 # --------------------------------------------------------------------------------------------
 
 
+# Variables a launcher sets to describe a rank (torchrun/deepspeed, Open MPI, PMI, SLURM).
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "NODE_RANK", "CROSS_RANK", "CROSS_SIZE", "TORCHELASTIC_RUN_ID",
+                 "MEGADALLE_LAUNCHER")
+LAUNCHER_PREFIXES = ("OMPI_COMM_WORLD_", "PMI_", "PMIX_", "SLURM_")
+
+
+def without_launcher_vars(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` minus every launcher variable: for a child that must run as its own single process
+    (the demo's stages), whatever rank layout or live process group its parent has."""
+    return {k: v for k, v in env.items() if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
+
+
 def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int | None:
     v = env.get(key)
     if v is None or v.strip() == "":

@@ -26,6 +26,11 @@ def logit_laplace_nll(y: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor) -> 
             + torch.abs(logit_y - mu) * torch.exp(-ln_b))
 
 
+def gaussian_nll(y: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Elementwise -log N(y; mean, sigma^2): the fixed-scale alternative to the logit-Laplace."""
+    return 0.5 * ((y - mean) / sigma) ** 2 + math.log(sigma) + 0.5 * math.log(2 * math.pi)
+
+
 def kl_to_uniform(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """KL(q || uniform) of the categorical softmax(logits) along `dim`, per position (nats)."""
     log_q = F.log_softmax(logits.float(), dim=dim)
@@ -68,18 +73,25 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float, noise: torch.Tensor
 
 
 def elbo_terms(x: torch.Tensor, stats: torch.Tensor, logits: torch.Tensor, kl_weight: float,
-               eps: float) -> dict[str, torch.Tensor]:
+               eps: float, reconstruction: str = "logit_laplace", sigma: float = 0.1) -> dict[str, torch.Tensor]:
     """Loss of one batch, normalised as the paper: the negative ELBO divided by C*H*W.
 
     x: [B, C, H, W] in [0, 1]; stats: decoder output [B, 2C, H, W] (mu then ln b);
     logits: [B, V, g, g]. The reconstruction term becomes the mean per pixel value, and the KL
     summed over the g*g positions is divided by C*H*W as well, so that beta acts as
     beta * g^2 / (C*H*W) (= beta / 192 at 256 px -> 32x32) relative to the per-position KL.
+    `reconstruction="gaussian"` replaces the logit-Laplace by a Gaussian of fixed `sigma` around
+    sigmoid(mu) (the decoded pixel, before unmapping); the log-scale channels are then unused.
     Returns loss (what is minimised), rec (nats per pixel value), kl (nats per position).
     """
     b, c, h, w = x.shape
     y = map_pixels(x, eps)
-    nll = logit_laplace_nll(y, stats[:, :c], stats[:, c:])
+    if reconstruction == "gaussian":
+        nll = gaussian_nll(y, torch.sigmoid(stats[:, :c]), sigma)
+    elif reconstruction == "logit_laplace":
+        nll = logit_laplace_nll(y, stats[:, :c], stats[:, c:])
+    else:
+        raise ValueError(f"unknown reconstruction loss {reconstruction!r}")
     rec = nll.mean()
     kl_pos = kl_to_uniform(logits, dim=1)  # (B, g, g)
     kl_norm = kl_pos.flatten(1).sum(1).mean() / (c * h * w)

@@ -165,6 +165,18 @@ class Decoder(nn.Module):
             ("conv", Conv2d(n_in, 2 * cfg.channels, 1)),
         ]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
+        self.init_pixel_value = cfg.init_pixel_value
+        self.eps = cfg.logit_laplace_eps
+        self.reset_output_bias()
+
+    def reset_output_bias(self) -> None:
+        """Output means start at `dvae.init_pixel_value` (if >= 0): the logit of the mapped value."""
+        conv = self.blocks.output.conv
+        if self.init_pixel_value < 0 or conv.b.device.type == "meta":
+            return
+        y = (1 - 2 * self.eps) * self.init_pixel_value + self.eps
+        with torch.no_grad():
+            conv.b[: conv.n_out // 2] = math.log(y / (1 - y))
 
     @property
     def codebook(self) -> Conv2d:
@@ -247,7 +259,8 @@ class DiscreteVAE(nn.Module):
             noise = L.sample_gumbel(logits.shape, device=logits.device)
         z = L.gumbel_softmax(logits, temperature, noise, dim=1, hard=self.cfg.straight_through)
         stats = self.decoder(z)
-        out = L.elbo_terms(x.float(), stats.float(), logits, kl_weight, self.cfg.logit_laplace_eps)
+        out = L.elbo_terms(x.float(), stats.float(), logits, kl_weight, self.cfg.logit_laplace_eps,
+                           self.cfg.reconstruction_loss, self.cfg.gaussian_sigma)
         out["codes"] = logits.detach().argmax(dim=1)
         with torch.no_grad():
             out["recon"] = self.stats_to_image(stats.detach())
