@@ -184,14 +184,36 @@ def test_ema_average_and_state():
     ema = EMA(decay=0.5, every=25)
     assert ema.due(25) and not ema.due(24)
     ema.update([("w", torch.tensor([2.0]))])
+    # Second fold: the warmed-up decay (1 + 1) / (10 + 1) = 2/11 is below 0.5.
+    assert ema.current_decay() == 2 / 11
     ema.update([("w", torch.tensor([4.0]))])
-    assert ema.params["w"].item() == 3.0 and ema.params["w"].device.type == "cpu"
+    expected = 2.0 * 2 / 11 + 4.0 * 9 / 11
+    assert abs(ema.params["w"].item() - expected) < 1e-6 and ema.params["w"].device.type == "cpu"
     other = EMA(0.5, 25)
     other.load_state_dict(ema.state_dict())
-    assert other.params["w"].item() == 3.0 and other.updates == 2
+    assert other.params["w"].item() == ema.params["w"].item() and other.updates == 2
+    assert other.current_decay() == ema.current_decay()
     drained = EMA(0.5, 25)
     drained.update([("w", torch.tensor([1.0]))], keep=False)
     assert drained.params == {} and drained.updates == 0
+
+
+def test_ema_decay_warms_up_to_the_configured_value():
+    ema = EMA(decay=0.99, every=25)
+    decays = []
+    for _ in range(1000):
+        decays.append(ema.current_decay())
+        ema.update([("w", torch.tensor([0.0]))])
+    assert decays[1] < 0.2 and all(a <= b for a, b in zip(decays, decays[1:])) and decays[-1] == 0.99
+
+
+def test_ema_of_a_short_run_follows_the_recent_weights():
+    # 40 folds of a weight that moves steadily from 0 to 1 (a 1000-update run averaged every 25):
+    # the average must sit near the end, not near the first snapshot.
+    ema = EMA(decay=0.99, every=25)
+    for k in range(40):
+        ema.update([("w", torch.tensor([k / 39]))])
+    assert ema.params["w"].item() > 0.75
 
 
 def test_optimizer_offload_with_bf16_zero3_trains_and_resumes(tmp_path):
