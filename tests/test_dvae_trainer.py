@@ -63,7 +63,11 @@ def test_trains_logs_and_exports_ema(full_run):
     assert taus[0] == 1.0 and taus[-1] == pytest.approx(1 / 16)  # annealed over half of the 4 steps
     assert list((run / "samples").glob("recon_*.png"))
     assert list((run / "tb").glob("events.*"))
-    assert "reconstruction check" in summary.written and trainer.check["images"] == 8
+    assert "reconstruction check" in summary.written
+    # Both unseen images of seen (shape, colour) pairs and images of held-out pairs are checked.
+    assert trainer.check["images"] == 8 and trainer.check["images_heldout"] == 8
+    assert 0 <= trainer.check["facts_agree"] <= 1 and 0 <= trainer.check["facts_agree_heldout"] <= 1
+    assert "held-out (shape, colour) pairs" in summary.written["reconstruction check"]
     # The export is the EMA, in the dVAE folder format.
     model = load_dvae(run)
     ema = load_file(str(run / "dvae.safetensors"))
