@@ -27,12 +27,17 @@ from megadalle.config import Config, load_config
 
 # The full demo's budget on top of the tiny preset: what fits in 15 minutes on a 2-core CPU
 # (README, "The demo", has the measured stage times). The dVAE uses the tiny preset's recipe
-# (Gaussian reconstruction, output starting at the white background). Tried and not kept: 48 px
-# images with 12x12 tokens (dVAE 77.5% of facts kept, but the transformer's 144 image tokens at
-# 1000 updates gave 0% matching samples in 806 s) and dVAE KL weight 1 (0%).
+# (Gaussian reconstruction, output starting at the white background) at 48 px with a 12x12 token
+# grid (4x4-pixel patches): the tiny preset's 64 px / 8x8 tokens round the shapes off (held-out
+# facts kept 44-48% against 77-81%), which caps how many samples can match their captions (64%
+# best-of-16 at 64 px, measured with the same budget). Tried and not kept: dVAE KL weight 1.
 FULL: dict[str, object] = {
+    "data.image_size": 48,
+    "dvae.image_size": 48,
+    "dvae.group_count": 3,
+    "transformer.image_grid": 12,
     "data.shapes.n_train": 10000,
-    "dvae_train.steps": 800,
+    "dvae_train.steps": 1000,
     "train.steps": 1000,
     "clip_train.steps": 400,
     "checkpoint.every_steps": 250,
@@ -196,6 +201,24 @@ def _check_same_config(cfg: Config, cfg_file: Path, force: bool) -> None:
                            f"{', '.join(changed)}); use another --out, or delete the folder to start over")
 
 
+def stage_threads(cpus: int, load_1min: float) -> int:
+    """Threads for each stage (one process at a time): the cores that other work leaves idle.
+
+    On an idle 2-core machine two threads train the transformer 1.75x faster than one (measured,
+    README "The demo"). On a busy one, spinning OpenMP threads that compete for cores made the
+    dVAE stage 5x slower (8 s/step instead of 1.5 s/step, measured), so the cores already busy
+    (the 1-minute load average, taken once before the first stage) are left out; at least one.
+    """
+    return max(1, min(cpus, cpus - int(round(load_1min))))
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _cpu_seconds() -> float:
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
@@ -216,14 +239,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # One thread per stage unless the user says otherwise: the tiny models' ops gain little from
-    # a second thread, and on a busy machine two spinning threads per process made the dVAE
-    # stage 5x slower (8 s/step instead of 1.5 s/step, measured).
-    env.setdefault("OMP_NUM_THREADS", "1")
+    threads = env.get("OMP_NUM_THREADS") or str(stage_threads(_usable_cpus(), os.getloadavg()[0]))
+    env["OMP_NUM_THREADS"] = threads
     stages = build_stages(cfg, run_dir, cfg_file, args.quick, env)
     rows: list[dict[str, object]] = []
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
-    print(f"megadalle demo{' --quick' if args.quick else ''}: {len(stages)} stages into {run_dir}", flush=True)
+    print(f"megadalle demo{' --quick' if args.quick else ''}: {len(stages)} stages into {run_dir} "
+          f"({threads} thread(s) per stage; set OMP_NUM_THREADS to choose)", flush=True)
     for i, st in enumerate(stages, 1):
         head = f"[{i}/{len(stages)}] {st.name}"
         if st.done() and not args.force:
@@ -237,7 +259,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                      "cpu_s": round(_cpu_seconds() - c, 1)})
     total = {"wall_s": round(time.perf_counter() - wall0, 1), "cpu_s": round(_cpu_seconds() - cpu0, 1)}
     summary = {"run_dir": str(run_dir), "quick": args.quick, "stages": rows, "total": total,
-               "load_average_1min_at_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+               "load_average_1min_at_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+               "threads_per_stage": int(threads)}
     scores = run_dir / "eval" / "eval.json"
     if scores.is_file():
         rep = json.loads(scores.read_text())
@@ -258,7 +281,8 @@ def _print_summary(run_dir: Path, stages: list[Stage], rows: list[dict], total: 
         outs = ", ".join(str(p.relative_to(run_dir)) for p in st.outputs)
         print(f"  {st.name:12s} {row['status']:8s} {row['wall_s']:7.1f}s wall {row['cpu_s']:7.1f}s cpu   {outs}")
     print(f"  total        {total['wall_s']:.1f}s wall, {total['cpu_s']:.1f}s cpu "
-          f"(load average {summary['load_average_1min_at_end']} on {summary['cpus']} cpus)")
+          f"({summary['threads_per_stage']} thread(s) per stage; load average "
+          f"{summary['load_average_1min_at_end']} on {summary['cpus']} cpus)")
     acc = summary.get("single_object_best_of_n_accuracy")
     if acc:
         fmt = {k: ("-" if v is None else f"{v:.0%}") for k, v in acc.items()}

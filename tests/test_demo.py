@@ -6,6 +6,7 @@ import json
 import pytest
 
 from megadalle.cli import main
+from megadalle.demo import stage_threads
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,14 @@ def test_quick_demo_writes_grid_and_scores(quick_run, capsys):
     assert 0.0 <= report["best_of_n"]["all"]["accuracy"] <= 1.0
     samples = json.loads((out / "samples" / "samples.json").read_text())
     assert len(samples["captions"]) >= 3
+    assert 1 <= summary["threads_per_stage"] <= summary["cpus"]
+
+
+def test_stage_threads_leave_busy_cores_alone():
+    assert stage_threads(2, 0.05) == 2  # idle 2-core machine: both cores
+    assert stage_threads(2, 1.2) == 1  # one core busy elsewhere
+    assert stage_threads(2, 7.0) == 1  # overloaded: still one thread
+    assert stage_threads(16, 3.4) == 13
 
 
 def test_rerun_skips_complete_stages(quick_run, capsys):
