@@ -27,8 +27,12 @@ RECIPES: dict[str, dict[str, object]] = {
     "laplace_white_start": {"dvae.reconstruction_loss": "logit_laplace", "dvae.init_pixel_value": 1.0},
     "gaussian_zero_bias": {"dvae.reconstruction_loss": "gaussian", "dvae.init_pixel_value": -1.0},
     "tiny": {},
-    "tiny_48px_12x12": {"data.image_size": 48, "dvae.image_size": 48, "dvae.group_count": 3,
-                        "transformer.image_grid": 12},
+    # The same recipe with other patch geometries: 8x8-pixel patches at 64 px (the tiny preset
+    # before), and 4x4 patches at 32 px (objects only 8-11 px across, 2-3 tokens).
+    "tiny_64px_8x8": {"data.image_size": 64, "dvae.image_size": 64, "dvae.group_count": 4,
+                      "transformer.image_grid": 8},
+    "tiny_32px_8x8": {"data.image_size": 32, "dvae.image_size": 32, "dvae.group_count": 3,
+                      "transformer.image_grid": 8},
 }
 
 

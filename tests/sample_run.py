@@ -15,7 +15,7 @@ from megadalle.clip.model import ClipGeometry, ClipModel, save_clip
 from megadalle.config import Config, load_config
 
 SMALL = {
-    "data.image_size": 32, "dvae.image_size": 32, "dvae.n_hid": 16, "dvae.n_init": 16, "dvae.vocab_size": 64,
+    "data.image_size": 32, "dvae.image_size": 32, "dvae.group_count": 4, "dvae.n_hid": 16, "dvae.n_init": 16, "dvae.vocab_size": 64,
     "tokenizer.vocab_size": 300, "tokenizer.text_len": 24,
     "transformer.dim": 32, "transformer.depth": 2, "transformer.heads": 2, "transformer.head_dim": 16,
     "transformer.text_vocab_size": 300, "transformer.text_len": 24, "transformer.image_vocab_size": 64,

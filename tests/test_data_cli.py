@@ -21,7 +21,7 @@ def test_data_shapes_one_split(tmp_path, capsys):
     assert main(["data", "shapes", "--out", str(out), "--n", "12", "--split", "heldout", "--preset", "tiny",
                  "--data.shapes.samples_per_shard=5"]) == 0
     printed = capsys.readouterr().out
-    assert "wrote 12 heldout images (64x64 px" in printed and "3 shard(s)" in printed
+    assert "wrote 12 heldout images (48x48 px" in printed and "3 shard(s)" in printed
     names = sorted(p.name for p in out.glob("*.tar"))
     assert names == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     with tarfile.open(out / "shard-000000.tar") as tf:

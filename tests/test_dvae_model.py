@@ -42,11 +42,11 @@ def test_full_preset_sizes_on_meta_device():
 def test_tiny_preset_geometry():
     cfg = load_config("tiny").dvae
     m = DiscreteVAE(cfg)
-    x = torch.rand(2, 3, 64, 64)
-    codes = m.codes(x)
-    assert codes.shape == (2, 8, 8) and codes.dtype == torch.long and int(codes.max()) < 512
-    assert m.decode(codes).shape == (2, 3, 64, 64)
-    assert m.decode(codes.flatten(1)).shape == (2, 3, 64, 64)  # row-major flat tokens too
+    x = torch.rand(2, 3, 48, 48)
+    codes = m.codes(x)  # 48 px, three groups: 4x4-pixel patches
+    assert codes.shape == (2, 12, 12) and codes.dtype == torch.long and int(codes.max()) < 512
+    assert m.decode(codes).shape == (2, 3, 48, 48)
+    assert m.decode(codes.flatten(1)).shape == (2, 3, 48, 48)  # row-major flat tokens too
 
 
 @pytest.mark.parametrize("groups, blocks", [(2, 1), (3, 3)])

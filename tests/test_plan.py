@@ -52,11 +52,11 @@ def test_fp32_and_single_gpu_do_not_shard():
 
 
 def test_activations_by_hand():
-    t = load_config("tiny").transformer  # S = 32 + 64 = 96, d = 128, h = 4, MLP 512, depth 4
-    S, d = 96, 128
+    t = load_config("tiny").transformer  # S = 32 + 144 = 176, d = 128, h = 4, MLP 512, depth 4
+    S, d = 176, 128
     attn = 4 * S * d + 2 * S * d + 3 * 2 * S * d + 2 * 4 * S * S + 2 * S * d  # identity path fp32
     mlp = 4 * S * d + 2 * S * d + 2 * 2 * S * 512
-    logits = 2 * 4 * (32 * 512 + 64 * 512)
+    logits = 2 * 4 * (32 * 512 + 144 * 512)
     a = activations(t, 3, "fp16_per_resblock")
     assert (a.attention_block, a.mlp_block, a.logits) == (3 * attn, 3 * mlp, 3 * logits)
     assert a.full == 4 * 3 * (attn + mlp) + 3 * logits

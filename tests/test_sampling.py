@@ -16,7 +16,7 @@ def model():
     cfg = load_config("tiny", overrides={
         "transformer.depth": 4, "transformer.dim": 32, "transformer.heads": 2, "transformer.head_dim": 16,
         "transformer.attention_schedule": "row,column,conv,row", "transformer.image_grid": 6,
-        "transformer.text_len": 12, "tokenizer.text_len": 12, "dvae.image_size": 48, "data.image_size": 48,
+        "transformer.text_len": 12, "tokenizer.text_len": 12, "dvae.image_size": 48, "dvae.group_count": 4, "data.image_size": 48,
         "transformer.row_window": 0, "transformer.conv_kernel": 3}).transformer
     m = DALLETransformer(cfg).eval()
     # Larger logits than at initialisation, so that samples depend on the context.

@@ -31,7 +31,7 @@ def run_folder(tmp_path_factory):
             for i in range(n):
                 cap = _caption(rng)
                 captions.append(cap)
-                w.write_codes(f"{split}{i:04d}", rng.integers(0, 512, 64), cap)
+                w.write_codes(f"{split}{i:04d}", rng.integers(0, 512, 144), cap)  # 12x12 grid
     TextTokenizer.train(captions, vocab_size=300, text_len=32, min_frequency=1).save(root / "tokenizer.json")
     # An untrained dVAE of the tiny geometry: enough to decode sample grids.
     from megadalle.config import load_config

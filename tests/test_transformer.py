@@ -72,10 +72,11 @@ def test_each_padding_position_has_its_own_embedding():
     with torch.no_grad():
         m.text_embed.weight[0].fill_(1e6)
     assert m.embed_text(text).abs().max() < 1e3
-    # Row and column embeddings: image token 10 on an 8-wide grid is at (1, 2).
+    # Row and column embeddings: image token 26 on the 12-wide grid is at (2, 2).
+    assert cfg.image_grid == 12
     codes = torch.tensor([[3]])
-    torch.testing.assert_close(m.embed_image(codes, start=10)[0, 0],
-                               m.image_embed.weight[3] + m.row_embed[1] + m.col_embed[2])
+    torch.testing.assert_close(m.embed_image(codes, start=26)[0, 0],
+                               m.image_embed.weight[3] + m.row_embed[2] + m.col_embed[2])
 
 
 def _handmade_model(cfg, text_bias_token: int, b: float):
