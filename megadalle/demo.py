@@ -196,15 +196,36 @@ def _check_same_config(cfg: Config, cfg_file: Path, force: bool) -> None:
                            f"{', '.join(changed)}); use another --out, or delete the folder to start over")
 
 
-def stage_threads(cpus: int, load_1min: float) -> int:
+def stage_threads(cpus: int, busy: float) -> int:
     """Threads for each stage (one process at a time): the cores that other work leaves idle.
 
     On an idle 2-core machine two threads train the transformer 1.75x faster than one (measured,
     README "The demo"). On a busy one, spinning OpenMP threads that compete for cores made the
     dVAE stage 5x slower (8 s/step instead of 1.5 s/step, measured), so the cores already busy
-    (the 1-minute load average, taken once before the first stage) are left out; at least one.
+    (measured once before the first stage) are left out; at least one.
     """
-    return max(1, min(cpus, cpus - int(round(load_1min))))
+    return max(1, min(cpus, cpus - int(round(busy))))
+
+
+def busy_cpus(window_s: float = 0.5) -> float:
+    """How many cores other work keeps busy right now: from /proc/stat over `window_s` (the load
+    average lags by a minute, so work that just ended would still count), else the load average."""
+    def idle_total() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)  # idle + iowait, all
+
+    first = idle_total()
+    if first is None:
+        return os.getloadavg()[0]
+    time.sleep(window_s)
+    second = idle_total()
+    if second is None or second[1] <= first[1]:
+        return os.getloadavg()[0]
+    busy_fraction = 1 - (second[0] - first[0]) / (second[1] - first[1])
+    return busy_fraction * (os.cpu_count() or 1)
 
 
 def _usable_cpus() -> int:
@@ -234,7 +255,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads = env.get("OMP_NUM_THREADS") or str(stage_threads(_usable_cpus(), os.getloadavg()[0]))
+    threads = env.get("OMP_NUM_THREADS") or str(stage_threads(_usable_cpus(), busy_cpus()))
     env["OMP_NUM_THREADS"] = threads
     stages = build_stages(cfg, run_dir, cfg_file, args.quick, env)
     rows: list[dict[str, object]] = []

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from megadalle.cli import main
-from megadalle.demo import stage_threads
+from megadalle.demo import busy_cpus, stage_threads
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,33 @@ def test_stage_threads_leave_busy_cores_alone():
     assert stage_threads(2, 1.2) == 1  # one core busy elsewhere
     assert stage_threads(2, 7.0) == 1  # overloaded: still one thread
     assert stage_threads(16, 3.4) == 13
+
+
+def test_busy_cpus_sees_a_spinning_process():
+    import multiprocessing
+    import os
+
+    quiet = busy_cpus(0.3)
+    assert 0.0 <= quiet <= os.cpu_count() + 0.5
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    spinner = ctx.Process(target=_spin, args=(ready, 3.0))
+    spinner.start()
+    try:
+        assert ready.wait(60)
+        loaded = busy_cpus(1.0)
+    finally:
+        spinner.join()
+    assert loaded >= 0.7  # one core fully used by the spinner
+
+
+def _spin(ready, seconds: float) -> None:
+    import time
+
+    ready.set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
 
 
 def test_rerun_skips_complete_stages(quick_run, capsys):
