@@ -128,7 +128,8 @@ class DVAEConfig:
     # Cosine lr 1e-4 -> dvae_train.schedule.min_lr over the first 1.2M of 3M updates.
     lr_anneal_fraction: float = 1_200_000 / 3_000_000
     straight_through: bool = False
-    # Not in the paper; off by default.
+    # Not in the paper and not implemented: kept so that configs and checkpoints that carry the key
+    # (always false) still load; true is refused rather than silently ignored.
     dead_code_restart: bool = False
     # Reconstruction term: "logit_laplace" (the paper's) or "gaussian" (fixed-sigma Gaussian on the
     # mapped pixels, the classic VAE choice). Why a second one: at a few CPU minutes the
@@ -166,6 +167,9 @@ class DVAEConfig:
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"dvae.{name}={v}: a fraction of dvae_train.steps, must be in [0, 1]")
         _check(self.kl_weight >= 0, "dvae.kl_weight must be >= 0")
+        _check(not self.dead_code_restart,
+               "dvae.dead_code_restart=true: dead-code restarts are not implemented (a trial on the shapes data "
+               "did not help); leave it false")
 
 
 # The paper's per-layer schedule: layer i (1-based) is "conv" in the last layer, "column" where

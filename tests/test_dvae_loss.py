@@ -153,3 +153,9 @@ def test_reconstruction_options_are_validated():
         DVAEConfig(gaussian_sigma=0.0)
     with pytest.raises(ConfigError, match="dvae.init_pixel_value"):
         DVAEConfig(init_pixel_value=1.5)
+
+
+def test_unimplemented_dead_code_restart_is_refused_not_ignored():
+    assert DVAEConfig(dead_code_restart=False).dead_code_restart is False  # old configs still load
+    with pytest.raises(ConfigError, match="dead_code_restart=true: dead-code restarts are not implemented"):
+        load_config(overrides={"dvae.dead_code_restart": True})
