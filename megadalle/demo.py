@@ -199,8 +199,8 @@ def _check_same_config(cfg: Config, cfg_file: Path, force: bool) -> None:
 def stage_threads(cpus: int, busy: float) -> int:
     """Threads for each stage (one process at a time): the cores that other work leaves idle.
 
-    On an idle 2-core machine two threads train the transformer 1.75x faster than one (measured,
-    README "The demo"). On a busy one, spinning OpenMP threads that compete for cores made the
+    On an idle 2-core machine two threads train the transformer 1.76x faster than one
+    (`benchmarks/threads.py`). On a busy one, spinning OpenMP threads that compete for cores made the
     dVAE stage 5x slower (8 s/step instead of 1.5 s/step, measured), so the cores already busy
     (measured once before the first stage) are left out; at least one.
     """
