@@ -81,3 +81,21 @@ def test_run_folder_of_another_config_is_refused(quick_run, capsys):
     out, _ = quick_run
     assert main(["demo", "--out", str(out)]) == 2  # the full settings into the quick run's folder
     assert "different settings" in capsys.readouterr().err
+
+
+def test_demo_repeats_exactly(quick_run, tmp_path, monkeypatch):
+    """Same settings and thread count: every stage's weights, the samples' ranking and the scores
+    repeat bit for bit (all randomness is seeded, BPE dropout included)."""
+    from safetensors.torch import load_file
+
+    first, _ = quick_run
+    monkeypatch.setenv("OMP_NUM_THREADS", str(json.loads((first / "demo-summary.json").read_text())["threads_per_stage"]))
+    again = tmp_path / "again"
+    assert main(["demo", "--quick", "--out", str(again)]) == 0
+    for weights in ("dvae/dvae.safetensors", "transformer/transformer.safetensors", "clip/clip.safetensors"):
+        a, b = load_file(first / weights), load_file(again / weights)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), weights
+    assert (json.loads((first / "samples/samples.json").read_text())["captions"]
+            == json.loads((again / "samples/samples.json").read_text())["captions"])
+    scores = [json.loads((d / "eval/eval.json").read_text()) for d in (first, again)]
+    assert scores[0]["best_of_n"] == scores[1]["best_of_n"] and scores[0]["single_sample"] == scores[1]["single_sample"]

@@ -1,4 +1,4 @@
-"""Caption BPE: fixed-length encoding with 0 = padding, lowercase, dropout only in training, reload."""
+"""Caption BPE: fixed-length encoding with 0 = padding, lowercase, seeded dropout only in training, reload."""
 
 import pytest
 import torch
@@ -44,17 +44,50 @@ def test_truncation_is_counted(corpus):
     assert (ids[1] != 0).all()
 
 
-def test_dropout_only_in_training(tok, corpus):
+def test_dropout_only_with_seeds_and_repeatable(tok, corpus):
     caption = corpus[0]
-    eval_runs = {tuple(tok.encode(caption, train=False)[0].tolist()) for _ in range(30)}
-    assert len(eval_runs) == 1
-    train_runs = {tuple(tok.encode(caption, train=True)[0].tolist()) for _ in range(60)}
-    assert len(train_runs) > 1
+    assert len({tuple(tok.encode(caption)[0].tolist()) for _ in range(30)}) == 1
+    seeded = {tuple(tok.encode(caption, dropout_seeds=[s])[0].tolist()) for s in range(60)}
+    assert len(seeded) > 1
+    # The same seed gives the same segmentation, whatever else is in the batch.
+    batch = tok.encode(corpus[:8], dropout_seeds=list(range(8)))
+    assert torch.equal(batch, tok.encode(corpus[:8], dropout_seeds=list(range(8))))
+    assert torch.equal(batch[3], tok.encode(corpus[3], dropout_seeds=[3])[0])
     # Dropout splits merges but never changes the text.
-    for run in train_runs:
+    for run in seeded:
         assert tok.decode(torch.tensor(run)) == caption.lower()
     zero = TextTokenizer(tok._tok, text_len=24, bpe_dropout=0.0)
-    assert len({tuple(zero.encode(caption, train=True)[0].tolist()) for _ in range(30)}) == 1
+    assert len({tuple(zero.encode(caption, dropout_seeds=[s])[0].tolist()) for s in range(30)}) == 1
+    with pytest.raises(ValueError, match="2 dropout seeds for 3 captions"):
+        tok.encode(corpus[:3], dropout_seeds=[1, 2])
+
+
+def test_seeded_bpe_at_p0_is_the_librarys_bpe(tok, corpus):
+    """Our merge loop must segment exactly as the library does when nothing is dropped, including
+    the raw-text special token, normalisation and byte-level pre-tokenisation."""
+    import json
+    import random
+
+    from megadalle.data.tokenizer import SeededBPEDropout
+
+    ours = SeededBPEDropout(tok._tok, json.loads(tok._tok.to_str()))
+    odd = ["a <pad> b<PAD>c <pad><pad>", "  lots   of\tspace\n\n", "ﬁ ligature ① x²", "", "aaaa bbbb"]
+    for caption in corpus + odd:
+        assert ours.ids(caption, 0.0, random.Random(0)) == tok._tok.encode(caption).ids, caption
+
+
+def test_dropout_rate_follows_p(tok, corpus):
+    """BPE dropout as Provilkov et al.: more pieces as p grows; at p close to 1 single bytes."""
+    import json
+    import random
+
+    from megadalle.data.tokenizer import SeededBPEDropout
+
+    ours = SeededBPEDropout(tok._tok, json.loads(tok._tok.to_str()))
+    caption = corpus[0].lower()
+    mean = {p: sum(len(ours.ids(caption, p, random.Random(s))) for s in range(200)) / 200 for p in (0.0, 0.1, 0.5)}
+    assert mean[0.0] < mean[0.1] < mean[0.5]
+    assert len(ours.ids(caption, 0.999999, random.Random(1))) == len(caption.encode())
 
 
 def test_save_and_reload_bit_identical(tok, corpus, tmp_path):
@@ -64,7 +97,7 @@ def test_save_and_reload_bit_identical(tok, corpus, tmp_path):
     again.save(tmp_path / "again.json")
     assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
     # Training-time encodings of the reloaded tokenizer still vary (dropout comes from the config).
-    assert len({tuple(again.encode(corpus[0], train=True)[0].tolist()) for _ in range(60)}) > 1
+    assert len({tuple(again.encode(corpus[0], dropout_seeds=[s])[0].tolist()) for s in range(60)}) > 1
 
 
 def test_load_for_checks_the_config(tok, tmp_path):
@@ -89,3 +122,14 @@ def test_bad_tokenizer_files(tmp_path):
     foreign.save(str(tmp_path / "foreign.json"))
     with pytest.raises(TokenizerFileError, match="id 0"):
         TextTokenizer.load(tmp_path / "foreign.json")
+
+
+def test_dropout_refuses_a_bpe_it_cannot_follow(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    wordpiece_like = Tokenizer(models.BPE(vocab={"<pad>": 0, "a": 1, "##b": 2}, merges=[],
+                                          continuing_subword_prefix="##"))
+    wordpiece_like.save(str(tmp_path / "prefix.json"))
+    assert TextTokenizer.load(tmp_path / "prefix.json", bpe_dropout=0.0).vocab_size == 3  # no dropout: fine
+    with pytest.raises(TokenizerFileError, match="bpe_dropout=0"):
+        TextTokenizer.load(tmp_path / "prefix.json", bpe_dropout=0.1)

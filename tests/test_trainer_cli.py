@@ -113,18 +113,21 @@ def test_a_second_trainer_after_closing_the_process_group(tmp_path):
 
 
 def test_resume_on_token_shards_is_bit_identical(run_folder, tmp_path):
-    """The loader's position (shuffle buffer included) survives the checkpoint: with BPE dropout
-    off (the tokenizers library's dropout is unseeded), a stopped and resumed run repeats the
-    uninterrupted run's losses exactly."""
+    """The loader's position (shuffle buffer included) survives the checkpoint, and BPE dropout is
+    drawn from (seed, update, sample key): a stopped and resumed run repeats the uninterrupted
+    run's losses exactly, with the paper's BPE dropout on."""
     from trainer_toy import losses
 
     data = ["--data.token_source", str(run_folder / "tokens"), "--tokenizer.path", str(run_folder / "tokenizer.json"),
-            "--tokenizer.bpe_dropout", "0", "--data.shuffle_buffer", "8", "--checkpoint.every_steps", "3"]
-    assert _train(tmp_path / "full", "--train.steps", "6", *data) == 0
-    assert _train(tmp_path / "split", "--train.steps", "3", *data) == 0
-    assert _train(tmp_path / "split", "--train.steps", "6", *data) == 0
+            "--data.shuffle_buffer", "8", "--checkpoint.every_steps", "3"]
+    dropout = ["--tokenizer.bpe_dropout", "0.3"]
+    assert _train(tmp_path / "full", "--train.steps", "6", *data, *dropout) == 0
+    assert _train(tmp_path / "split", "--train.steps", "3", *data, *dropout) == 0
+    assert _train(tmp_path / "split", "--train.steps", "6", *data, *dropout) == 0
+    assert _train(tmp_path / "plain", "--train.steps", "6", *data, "--tokenizer.bpe_dropout", "0") == 0
     full, split = losses(tmp_path / "full", "transformer"), losses(tmp_path / "split", "transformer")
     assert sorted(full) == list(range(1, 7)) and full == split
+    assert losses(tmp_path / "plain", "transformer") != full  # the dropout was really on
 
 
 def test_every_evaluation_sees_the_same_validation_batches(run_folder, tmp_path):

@@ -12,9 +12,8 @@ ZeRO-3 gathers parameters; `DALLETransformer.loss` computes the same numbers, se
 Precision `fp16_per_resblock` (per-resblock gradient scales) and PowerSGD are installed by the
 Trainer base (`distributed.engine.install_precision`, `distributed/powersgd.py`).
 
-Note on exact resume: the `tokenizers` library draws BPE-dropout randomness from its own
-unseeded generator, so with `tokenizer.bpe_dropout > 0` a resumed run sees different (equally
-distributed) caption segmentations; everything else resumes bit-identically.
+BPE dropout and caption dropout draw from (train.seed, update, sample key), so a resumed run
+repeats the uninterrupted one bit for bit, BPE dropout included.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from torch import nn
 
 from megadalle.cli import CommandError
 from megadalle.config import Config, TransformerConfig
-from megadalle.training.sample_seeds import sample_uniform
+from megadalle.training.sample_seeds import sample_seed, sample_uniform
 from megadalle.training.trainer import Trainer
 
 
@@ -90,6 +89,12 @@ def drop_captions(text: torch.Tensor, keys: list[str], fraction: float, seed: in
         raise ValueError(f"caption dropout needs one key per sample, got {len(keys)} keys for {text.shape[0]} captions")
     drop = torch.tensor([sample_uniform(seed, update, f"caption/{k}") < fraction for k in keys], device=text.device)
     return text.masked_fill(drop[:, None], 0)
+
+
+def bpe_dropout_seeds(keys: list[str], seed: int, update: int) -> list[int]:
+    """One BPE-dropout seed per sample from (seed, update, key): a caption's segmentation is the
+    same on any number of ranks and after a resume, and changes from update to update."""
+    return [sample_seed(seed, update, f"bpe/{k}") for k in keys]
 
 
 def transformer_flops_per_sample(cfg: TransformerConfig) -> float:
@@ -183,7 +188,9 @@ class TransformerTrainer(Trainer):
             text = batch["text"]
         else:
             # The module's flag: DeepSpeed's engine.eval() leaves engine.training set.
-            text = self.tokenizer.encode(batch["caption"], train=self.engine.module.training)
+            seeds = (bpe_dropout_seeds(batch["key"], self.tcfg.seed, self.updates)
+                     if self.engine.module.training else None)
+            text = self.tokenizer.encode(batch["caption"], dropout_seeds=seeds)
         return text.to(device), batch["codes"].to(device)
 
     def compute_loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -225,7 +232,7 @@ class TransformerTrainer(Trainer):
         if not captions:
             return []
         dvae = load_dvae(dvae_dir)
-        text = self.tokenizer.encode(captions, train=False)
+        text = self.tokenizer.encode(captions)
         # Own generator: sampling must not shift the training RNG streams.
         gen = torch.Generator().manual_seed(self.cfg.sampling.seed)
         with torch.no_grad():
