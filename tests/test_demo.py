@@ -85,7 +85,7 @@ def test_run_folder_of_another_config_is_refused(quick_run, capsys):
 
 def test_demo_repeats_exactly(quick_run, tmp_path, monkeypatch):
     """Same settings and thread count: every stage's weights, the samples' ranking and the scores
-    repeat bit for bit (all randomness is seeded, BPE dropout included)."""
+    repeat bit for bit (all randomness is seeded)."""
     from safetensors.torch import load_file
 
     first, _ = quick_run
