@@ -133,3 +133,14 @@ def test_dropout_refuses_a_bpe_it_cannot_follow(tmp_path):
     assert TextTokenizer.load(tmp_path / "prefix.json", bpe_dropout=0.0).vocab_size == 3  # no dropout: fine
     with pytest.raises(TokenizerFileError, match="bpe_dropout=0"):
         TextTokenizer.load(tmp_path / "prefix.json", bpe_dropout=0.1)
+
+
+def test_large_batches_encode_like_small_ones(tok, corpus):
+    """Above PARALLEL_MIN captions the library's parallel batch encoder is used, below it one
+    caption at a time: both must give the same ids."""
+    from megadalle.data.tokenizer import PARALLEL_MIN
+
+    many = (corpus * (PARALLEL_MIN // len(corpus) + 2))[:PARALLEL_MIN + 5]
+    big = tok.encode(many)
+    small = torch.cat([tok.encode(many[i:i + 100]) for i in range(0, len(many), 100)])
+    assert torch.equal(big, small)

@@ -30,6 +30,11 @@ import torch
 from megadalle.config import ConfigError
 
 PAD = "<pad>"
+# Batches up to this size are encoded one caption at a time: the library's `encode_batch` starts
+# its own thread pool, which competes with torch's threads for the cores; in the demo's
+# transformer stage (micro-batch 32) that cost ~12% of the step rate. Larger batches (the
+# tokenizer command, benchmarks) gain from the pool.
+PARALLEL_MIN = 1024
 
 
 def _require_tokenizers():
@@ -143,8 +148,10 @@ class TextTokenizer:
         captions = list(captions)
         if dropout_seeds is not None and len(dropout_seeds) != len(captions):
             raise ValueError(f"{len(dropout_seeds)} dropout seeds for {len(captions)} captions: give one per caption")
-        if dropout_seeds is None or self._dropout is None:
+        if (dropout_seeds is None or self._dropout is None) and len(captions) > PARALLEL_MIN:
             all_ids = [enc.ids for enc in self._tok.encode_batch(captions)]
+        elif dropout_seeds is None or self._dropout is None:
+            all_ids = [self._tok.encode(c).ids for c in captions]
         else:
             all_ids = [self.ids(c, s) for c, s in zip(captions, dropout_seeds)]
         out = torch.zeros(len(captions), self.text_len, dtype=torch.long)
