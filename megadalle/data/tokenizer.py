@@ -148,12 +148,12 @@ class TextTokenizer:
         captions = list(captions)
         if dropout_seeds is not None and len(dropout_seeds) != len(captions):
             raise ValueError(f"{len(dropout_seeds)} dropout seeds for {len(captions)} captions: give one per caption")
-        if (dropout_seeds is None or self._dropout is None) and len(captions) > PARALLEL_MIN:
-            all_ids = [enc.ids for enc in self._tok.encode_batch(captions)]
-        elif dropout_seeds is None or self._dropout is None:
-            all_ids = [self._tok.encode(c).ids for c in captions]
-        else:
+        if dropout_seeds is not None and self._dropout is not None:
             all_ids = [self.ids(c, s) for c, s in zip(captions, dropout_seeds)]
+        elif len(captions) > PARALLEL_MIN:
+            all_ids = [enc.ids for enc in self._tok.encode_batch(captions)]
+        else:
+            all_ids = [self._tok.encode(c).ids for c in captions]
         out = torch.zeros(len(captions), self.text_len, dtype=torch.long)
         for i, ids in enumerate(all_ids):
             if len(ids) > self.text_len:
