@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from megadalle.config import ConfigError, PRESETS, load_config
+from megadalle.config import PRESETS, load_config
+from megadalle.errors import CommandError, ConfigError
 
 # name -> (module, one-line help). Add a command here and nowhere else.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,10 +39,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("megadalle.tools.inspect_checkpoint", "show what a training checkpoint holds (step, sizes, dtypes, config)"),
     "plan": ("megadalle.distributed.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
 }
-
-
-class CommandError(RuntimeError):
-    """A user-facing error: printed without a traceback, exit code 2."""
 
 
 def _split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -106,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.config, overrides)
         rc = module.run(args, cfg)
     except (ConfigError, CommandError) as e:
+        print(f"megadalle {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A file system failure outside the paths that report their own (full disk, a folder that
+        # is a file, ...): one line naming the path, not a traceback. MEGADALLE_DEBUG=1 shows it.
+        if os.environ.get("MEGADALLE_DEBUG"):
+            raise
         print(f"megadalle {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

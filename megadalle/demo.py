@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config, load_config
 
 # The full demo's budget on top of the tiny preset: what fits in 15 minutes on a 2-core CPU

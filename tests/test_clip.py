@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.clip.loss import contrastive_loss
 from megadalle.clip.model import ClipGeometry, ClipModel, load_clip, save_clip
 from megadalle.clip.open_clip_loader import load_open_clip

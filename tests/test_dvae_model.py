@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import DVAEConfig, load_config
 from megadalle.dvae import DiscreteVAE, load_dvae, save_dvae
 from megadalle.dvae.model import count_parameters

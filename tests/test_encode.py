@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from megadalle.cli import CommandError, main
+from megadalle.cli import main
+from megadalle.errors import CommandError
 from megadalle.config import DataConfig, DVAEConfig
 from megadalle.data.loader import token_loader
 from megadalle.data.shards import ShardWriter

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.eval.clip_score import clip_score
 from megadalle.eval.fid import (feature_statistics, fid_and_is, frechet_distance, inception_score,
                                 load_inception)

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import load_config
 from megadalle.data import shapes as S
 from megadalle.eval.shapes_accuracy import caption_split, eval_captions, heldout_of, judge

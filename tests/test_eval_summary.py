@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.eval.summary import Judgement, format_summary, summarise
 from megadalle.generate.images import load_image, make_grid, save_png
 

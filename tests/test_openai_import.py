@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megadalle.cli import CommandError, main
+from megadalle.cli import main
+from megadalle.errors import CommandError
 from megadalle.dvae import loss as L
 from megadalle.dvae.io import load_dvae
 from megadalle.dvae.openai_import import convert, import_openai_dvae

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from megadalle.cli import CommandError, main
+from megadalle.cli import main
+from megadalle.errors import CommandError
 from megadalle.config import load_config
 from megadalle.distributed.plan import (GiB, ParamCounts, activations, build_plan, count_parameters,
                                         paper_memory, parse_bytes, traffic, zero_memory)

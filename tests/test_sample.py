@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megadalle.cli import CommandError, main
+from megadalle.cli import main
+from megadalle.errors import CommandError
 from megadalle.dvae.io import load_dvae
 from megadalle.generate.images import save_png
 from megadalle.generate.pipeline import prompt_prefix, read_prompts, sample_caption

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import ClipConfig
 
 # Final spatial grid of the image tower before flattening (position survives as feature index).

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 
 # The normalisation every OpenAI CLIP model was trained with (open_clip's OPENAI_DATASET_MEAN/STD).
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

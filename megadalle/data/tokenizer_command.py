@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config
 from megadalle.data.data_command import common_options
 

@@ -83,7 +83,7 @@ STATE_BYTES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 
 def parse_bytes(text: str) -> int:
     """'16GiB', '16 GB', '80G', '16384MiB' -> bytes. Bare G/M/K are binary (nvidia-smi's habit)."""
-    from megadalle.cli import CommandError
+    from megadalle.errors import CommandError
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
@@ -284,7 +284,7 @@ def _fits(x: float, budget: float) -> str:
 
 def build_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory: int, reserve: int,
                micro_batch: int = 0, shard_group: str = "world", error_buffer_bytes: int = 2) -> dict[str, Any]:
-    from megadalle.cli import CommandError
+    from megadalle.errors import CommandError
 
     if nodes < 1 or gpus_per_node < 1:
         raise CommandError("--nodes and --gpus-per-node must be >= 1")

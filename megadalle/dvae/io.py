@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import ConfigError, DVAEConfig, _build
 from megadalle.dvae.model import DiscreteVAE
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import ConfigError, DVAEConfig
 from megadalle.dvae.io import check_state_matches, save_dvae
 from megadalle.dvae.model import DiscreteVAE

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config
 
 

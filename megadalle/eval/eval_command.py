@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config
 from megadalle.eval.summary import Judgement, format_summary, summarise
 from megadalle.generate.pipeline import CaptionResult, read_prompts, sampling_settings, write_results

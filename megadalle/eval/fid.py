@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 
 # extractor(images float [B,3,H,W] in [0,1]) -> (features [B,D], logits [B,C])
 FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.data import shapes as S
 from megadalle.eval.summary import Judgement
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

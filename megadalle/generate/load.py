@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config, ConfigError
 
 TRANSFORMER_EXPORT = "transformer"

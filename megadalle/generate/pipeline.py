@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.clip.rerank import Scorer, rank
 from megadalle.config import SamplingConfig
 from megadalle.generate.images import make_grid, save_png

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config, ConfigError, SamplingConfig
 from megadalle.generate.load import (RunPaths, check_compatible, load_run_config, load_tokenizer, load_transformer,
                                      resolve_paths)

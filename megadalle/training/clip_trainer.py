@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.clip.model import ClipGeometry, ClipModel
 from megadalle.config import Config
 from megadalle.generate.load import load_tokenizer

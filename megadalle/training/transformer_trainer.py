@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config, TransformerConfig
 from megadalle.training.sample_seeds import sample_seed, sample_uniform
 from megadalle.training.trainer import Trainer
