@@ -21,9 +21,8 @@ from typing import Any
 
 import yaml
 
+from megadalle.errors import ConfigError  # noqa: F401 - re-exported: config errors are raised from here
 
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message says which one and how to fix it."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -81,6 +80,10 @@ class DataConfig:
     augment: str = "stage1"
     min_image_side: int = 16
     max_aspect_ratio: float = 4.0
+    # Images whose header declares more pixels are skipped (`too_large`) before decoding, which
+    # bounds a sample's memory at about 4 bytes per allowed pixel (a 560 KB PNG can declare
+    # 12000 x 12000 and take gigabytes to decode). 64M allows 8000 x 8000.
+    max_image_pixels: int = 64_000_000
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
     def __post_init__(self) -> None:
@@ -90,6 +93,8 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0 (0 disables shuffling)")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.max_aspect_ratio >= 1.0, "data.max_aspect_ratio must be >= 1")
+        _check(self.max_image_pixels >= self.min_image_side ** 2,
+               f"data.max_image_pixels={self.max_image_pixels}: must allow at least data.min_image_side^2 pixels")
 
 
 @dataclass

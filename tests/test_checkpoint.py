@@ -40,13 +40,18 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(CheckpointError, match=r"saving the checkpoint of step 6 in .*checkpoints failed "
+                                              r"\(OSError: injected: disk full; [\d.]+ MiB free there\); the previous "
+                                              r"checkpoint \(step_00000003\) is intact"):
         ToyTrainer(toy_config(tmp_path), dropout=0.0).train()
     monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
     folder = _ckpts(tmp_path)
     assert (folder / "latest").read_text() == "step_00000003"
-    assert (folder / ".tmp-step_00000006").is_dir() and not (folder / "step_00000006").exists()
-    # The previous checkpoint still loads, the run finishes, and the half-written one is gone.
+    # The failed save removed its own temporary folder; nothing under the final name.
+    assert not list(folder.glob(".tmp-*")) and not (folder / "step_00000006").exists()
+    # A save that a killed run left behind (another run id) is removed by the next run, which
+    # holds the folder's lock and so knows its writer is gone.
+    (folder / ".tmp-step_00000006-deadbeef0000").mkdir()
     s = ToyTrainer(toy_config(tmp_path), dropout=0.0).train()
     assert s.resumed_from.endswith("step_00000003") and s.final_step == 6
     assert not list(folder.glob(".tmp-*")) and (folder / "latest").read_text() == "step_00000006"

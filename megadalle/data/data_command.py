@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config
 from megadalle.data.shapes import SPLITS
 from megadalle.data.shapes_shards import (ensure_shapes_shards, shapes_image_size, split_count,
@@ -103,7 +103,7 @@ def _check(args: argparse.Namespace, cfg: Config) -> int:
         else:
             loader = image_loader(args.source, 64, image_size=d.image_size, augment="none", shuffle_buffer=0,
                                   endless=False, rank=0, world_size=1, min_image_side=d.min_image_side,
-                                  max_aspect_ratio=d.max_aspect_ratio)
+                                  max_aspect_ratio=d.max_aspect_ratio, max_image_pixels=d.max_image_pixels)
     except (ShardError, OSError) as e:
         raise CommandError(str(e)) from None
     n = 0

@@ -4,13 +4,16 @@ Reasons a sample is skipped (counted per shard by the loader):
 
     missing_image, empty_image, undecodable_image (truncated or not an image), too_small
     (shorter side < data.min_image_side), extreme_aspect (long/short side > data.max_aspect_ratio),
-    missing_caption, empty_caption, bad_codes (token shards), unreadable_file
+    missing_caption, empty_caption, bad_codes (token shards), unreadable_file, too_large (more
+    than data.max_image_pixels in the image header, or a member over shards.MAX_MEMBER_BYTES:
+    checked before any pixel is decoded, so one image costs at most max_image_pixels x 4 bytes)
 
 Conversions (the sample is kept, and counted):
 
     mode_<MODE> (grayscale, RGBA, CMYK, palette, 16-bit ... -> 8-bit RGB; transparency is
     composited onto white, 16-bit values are scaled, not clipped), caption_not_utf8 (decoded as
-    cp1252, else latin-1, so no byte is lost), exif_rotated
+    cp1252, else latin-1, so no byte is lost), exif_rotated,
+    duplicate_key (a second sample with the same key in a row, kept apart)
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from megadalle.data.shards import IMAGE_EXTS, Record, codes_from_bytes
+from megadalle.data.shards import IMAGE_EXTS, TOO_LARGE, Record, codes_from_bytes
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: above any photo a text-image set keeps
 
 
 class BadSample(Exception):
@@ -33,6 +38,8 @@ class BadSample(Exception):
 def decode_caption(record: Record, conversions: list[str]) -> str:
     if "_error" in record.files:
         raise BadSample("unreadable_file", record.files["_error"].decode("utf-8", "replace"))
+    if TOO_LARGE in record.files:
+        raise BadSample("too_large", record.files[TOO_LARGE].decode("utf-8", "replace"))
     raw = record.files.get("txt")
     if raw is None:
         raise BadSample("missing_caption", "no .txt member")
@@ -71,10 +78,13 @@ def _to_rgb(img: Image.Image, conversions: list[str]) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(record: Record, min_side: int, max_aspect: float, conversions: list[str]) -> Image.Image:
+def decode_image(record: Record, min_side: int, max_aspect: float, conversions: list[str],
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The record's image as 8-bit RGB, or BadSample with the reason it is unusable."""
     if "_error" in record.files:
         raise BadSample("unreadable_file", record.files["_error"].decode("utf-8", "replace"))
+    if TOO_LARGE in record.files:
+        raise BadSample("too_large", record.files[TOO_LARGE].decode("utf-8", "replace"))
     ext = next((e for e in IMAGE_EXTS if e in record.files), None)
     if ext is None:
         raise BadSample("missing_image", f"no image member (looked for {', '.join(IMAGE_EXTS)})")
@@ -91,6 +101,8 @@ def decode_image(record: Record, min_side: int, max_aspect: float, conversions: 
                 raise BadSample("too_small", f"{w}x{h} < data.min_image_side={min_side}")
             if max(w, h) / max(1, min(w, h)) > max_aspect:
                 raise BadSample("extreme_aspect", f"{w}x{h} beyond data.max_aspect_ratio={max_aspect}")
+            if w * h > max_pixels:  # before decoding: a small PNG can hold a huge canvas
+                raise BadSample("too_large", f"{w}x{h} is {w * h:,} pixels, over data.max_image_pixels={max_pixels:,}")
             img.load()
             rotated = ImageOps.exif_transpose(img)
             if rotated is not None and rotated.size != img.size:
@@ -106,6 +118,8 @@ def decode_image(record: Record, min_side: int, max_aspect: float, conversions: 
 def decode_codes(record: Record, expected_len: int | None) -> np.ndarray:
     if "_error" in record.files:
         raise BadSample("unreadable_file", record.files["_error"].decode("utf-8", "replace"))
+    if TOO_LARGE in record.files:
+        raise BadSample("too_large", record.files[TOO_LARGE].decode("utf-8", "replace"))
     raw = record.files.get("codes.npy")
     if raw is None:
         raise BadSample("bad_codes", "no .codes.npy member")

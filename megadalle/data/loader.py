@@ -156,6 +156,7 @@ class StreamSpec:
     augment: str = "none"
     min_image_side: int = 16
     max_aspect_ratio: float = 4.0
+    max_image_pixels: int = 64_000_000
     # tokens
     codes_len: int | None = None
 
@@ -276,10 +277,10 @@ class _SlotStream:
     # ---- samples ----
     def _sample(self, rec: Record) -> dict[str, Any] | None:
         s = self.spec
-        conversions: list[str] = []
+        conversions: list[str] = list(rec.notes)
         try:
             if s.kind == "image":
-                img = decode_image(rec, s.min_image_side, s.max_aspect_ratio, conversions)
+                img = decode_image(rec, s.min_image_side, s.max_aspect_ratio, conversions, s.max_image_pixels)
                 text = decode_caption(rec, conversions)
                 ui = self.unit_index[rec.unit]
                 rng = np.random.default_rng([s.seed, self.epoch, ui, rec.offset, 3])
@@ -462,12 +463,12 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 def image_loader(source: str | Path, batch_size: int, *, image_size: int = 64, augment: str = "none",
                  seed: int = 0, shuffle_buffer: int = 1000, endless: bool = True, drop_last: bool = False,
                  num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
-                 min_image_side: int = 16, max_aspect_ratio: float = 4.0,
+                 min_image_side: int = 16, max_aspect_ratio: float = 4.0, max_image_pixels: int = 64_000_000,
                  pin_memory: bool = False, restart_every_iter: bool = False) -> ResumableLoader:
     """Image batches from a directory / glob of tar shards or an image folder."""
     rank, world_size = _rank_world(rank, world_size)
     spec = StreamSpec(tuple(source_units(source)), "image", batch_size, seed, rank, world_size, shuffle_buffer,
-                      endless, drop_last, image_size, augment, min_image_side, max_aspect_ratio)
+                      endless, drop_last, image_size, augment, min_image_side, max_aspect_ratio, max_image_pixels)
     return ResumableLoader(spec, num_workers, pin_memory, restart_every_iter)
 
 
@@ -492,7 +493,7 @@ def image_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *,
                         shuffle_buffer=d.shuffle_buffer if split == "train" else 0, endless=endless,
                         num_workers=d.num_workers, rank=rank, world_size=world_size,
                         min_image_side=d.min_image_side, max_aspect_ratio=d.max_aspect_ratio,
-                        restart_every_iter=split != "train")
+                        max_image_pixels=d.max_image_pixels, restart_every_iter=split != "train")
 
 
 def token_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *, endless: bool = True,

@@ -13,6 +13,14 @@ offsets and re-read on resume), and a per-shard account of what went wrong (a tr
 corrupt tar ends that shard with a count, instead of an exception inside a pipeline). Writing
 uses the standard library's `tarfile`, with fixed metadata so that the same samples give the same
 bytes.
+
+Memory: whatever a shard says, reading one sample holds at most MAX_MEMBER_BYTES per member and
+never more bytes than the file has left. A member's declared size is checked against the bytes
+left in the file before anything is read (a forged size field is a `corrupt_tar`, not a
+MemoryError); a member larger than MAX_MEMBER_BYTES is skipped on disk, not read, and its sample is
+counted `too_large`. Two samples with the same key in a row are kept apart (the second is counted
+`duplicate_key`), never merged. Decoding adds at most `data.max_image_pixels` x 4 bytes per image
+for the decoded pixels and their RGB conversion (data/decode.py).
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ from megadalle.config import ConfigError
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 SHARD_PREFIX = "shard-"
 _BLOCK = 512
+# Larger than any image or caption a text-image pair needs (a 64-megapixel PNG is ~100 MB at
+# worst); larger members are skipped without reading them.
+MAX_MEMBER_BYTES = 256 * 2**20
+TOO_LARGE = "_too_large"  # Record.files key marking a member skipped for its size
 
 
 class ShardError(ConfigError):
@@ -62,6 +74,7 @@ class Record:
     unit: str  # the shard (or folder chunk) it came from, for per-shard accounting
     offset: int  # where it starts in the unit: byte offset (tar) or index (folder)
     end: int = 0  # where the next record starts: reading on from here resumes after this one
+    notes: list[str] = field(default_factory=list)  # kept but counted, e.g. "duplicate_key"
 
 
 @dataclass
@@ -110,11 +123,14 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_tar_members(f, start: int = 0) -> Iterator[tuple[int, str, bytes, int]]:
+def iter_tar_members(f, start: int = 0, max_member: int = MAX_MEMBER_BYTES) -> Iterator[tuple[int, str, bytes | None, int]]:
     """Yield (header offset, name, data, next offset) of the regular files in an open tar.
 
-    Raises `_TarBroken` where the archive is cut short or a header's checksum is wrong.
+    `data` is None for a member larger than `max_member` (skipped, not read). Raises `_TarBroken`
+    where the archive is cut short, a header's checksum is wrong, or a member claims more bytes
+    than the file has left.
     """
+    file_size = os.fstat(f.fileno()).st_size
     pos = start
     f.seek(pos)
     long_name: str | None = None
@@ -144,15 +160,27 @@ def iter_tar_members(f, start: int = 0) -> Iterator[tuple[int, str, bytes, int]]
         if prefix:
             name = f"{prefix}/{name}"
         padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        data = f.read(size)
-        if len(data) < size:
-            raise _TarBroken("truncated_tar", f"member {name!r} cut short ({len(data)} of {size} bytes)",
-                             long_name or name)
-        skip = padded - size
-        if skip:
-            pad = f.read(skip)
-            if len(pad) < skip:
-                raise _TarBroken("truncated_tar", f"member {name!r} padding cut short", long_name or name)
+        left = file_size - (pos + _BLOCK)
+        if size > left:
+            # A forged size field must not make us allocate it: compare with what the file holds.
+            reason = "corrupt_tar" if size > 2 ** 40 else "truncated_tar"
+            raise _TarBroken(reason, f"member {name!r} at byte {pos} declares {size} bytes but only {max(left, 0)} "
+                                     f"remain in the file", long_name or name)
+        if size > max_member and kind not in (b"0", b"\0", b"7"):
+            raise _TarBroken("corrupt_tar", f"header member {name!r} at byte {pos} is {size} bytes")
+        if size > max_member:
+            data = None  # too large to be a sample's member: step over it
+            f.seek(padded, os.SEEK_CUR)
+        else:
+            data = f.read(size)
+            if len(data) < size:
+                raise _TarBroken("truncated_tar", f"member {name!r} cut short ({len(data)} of {size} bytes)",
+                                 long_name or name)
+            skip = padded - size
+            if skip:
+                pad = f.read(skip)
+                if len(pad) < skip:
+                    raise _TarBroken("truncated_tar", f"member {name!r} padding cut short", long_name or name)
         pos += _BLOCK + padded
         if kind in (b"L",):  # GNU long name for the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -171,8 +199,10 @@ def iter_tar_members(f, start: int = 0) -> Iterator[tuple[int, str, bytes, int]]
 def iter_tar_records(path: str | Path, start: int = 0) -> Iterator[Record | ReadProblem]:
     """Samples of a tar shard from byte `start`, each a `Record`; a `ReadProblem` ends the shard.
 
-    Members with the same key must be adjacent (as every shard writer makes them). A record
-    whose members were cut off by a truncated archive is reported, not returned half-complete.
+    Members with the same key must be adjacent (as every shard writer makes them). A member
+    whose extension the current record already has starts a new record with the same key, noted
+    `duplicate_key`. A record whose members were cut off by a truncated archive is reported, not
+    returned half-complete.
     """
     unit = str(path)
     try:
@@ -185,12 +215,16 @@ def iter_tar_records(path: str | Path, start: int = 0) -> Iterator[Record | Read
         try:
             for offset, name, data, end in iter_tar_members(f, start):
                 key, ext = split_key(name)
-                if current is not None and key != current.key:
+                duplicate = current is not None and key == current.key and ext in current.files
+                if current is not None and (key != current.key or duplicate):
                     yield current
                     current = None
                 if current is None:
-                    current = Record(key, {}, unit, offset)
-                current.files[ext] = data
+                    current = Record(key, {}, unit, offset, notes=["duplicate_key"] if duplicate else [])
+                if data is None:
+                    current.files[TOO_LARGE] = f"{name} is larger than {MAX_MEMBER_BYTES} bytes".encode()
+                else:
+                    current.files[ext] = data
                 current.end = end
         except _TarBroken as e:
             detail = e.detail

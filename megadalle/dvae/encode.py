@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megadalle.cli import CommandError
+from megadalle.errors import CommandError
 from megadalle.config import Config, DataConfig
 
 UNITS_FILE = "units.json"
@@ -72,7 +72,7 @@ def _image_tensor(record: Any, data: DataConfig, size: int) -> torch.Tensor:
     from megadalle.data.augment import augment, to_tensor
     from megadalle.data.decode import decode_image
 
-    img = decode_image(record, data.min_image_side, data.max_aspect_ratio, [])
+    img = decode_image(record, data.min_image_side, data.max_aspect_ratio, [], data.max_image_pixels)
     # "none": centre crop + resize, deterministic; tokens must not depend on a random crop.
     return to_tensor(augment(img, size, "none", np.random.default_rng(0)))
 

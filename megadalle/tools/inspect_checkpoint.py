@@ -10,6 +10,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from megadalle import safe_load
 from megadalle.config import Config, ConfigError
 from megadalle.training.checkpoint import load_torch, read_meta, resolve_checkpoint, verify_files
 
@@ -26,6 +27,7 @@ def describe(path: str | Path, show_params: int = 20) -> str:
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     verify_files(ckpt, meta)
+    safe_load.check_folder(ckpt)  # refuse by name a file that could run code, before reading any
     lines = [f"checkpoint {ckpt}",
              f"  step {meta.get('step')}, {meta.get('world_size')} ranks, ZeRO-{meta.get('zero_stage')}, "
              f"precision {meta.get('precision')}"]

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from megadalle.cli import CommandError
+from megadalle import safe_load
+from megadalle.errors import CommandError
 from megadalle.training.checkpoint import CheckpointError, load_torch, read_meta, resolve_checkpoint, verify_files
 
 
@@ -30,15 +31,20 @@ def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Path, dict]:
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     verify_files(ckpt, meta)
+    safe_load.check_folder(ckpt)  # before DeepSpeed's merger opens any file
     stage = int(meta.get("zero_stage", 0))
     if stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
             # DeepSpeed prints progress for every parameter group; keep our output to one summary.
-            with redirect_stdout(io.StringIO()):
+            # zero_to_fp32 passes weights_only=False to torch.load; the context forces weights-only.
+            with redirect_stdout(io.StringIO()), safe_load.weights_only_loads():
                 state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         except Exception as e:  # noqa: BLE001 - DeepSpeed raises many types on broken folders
+            refusal = safe_load.refusal_from(ckpt, e)
+            if refusal is not None:
+                raise refusal from None
             raise CheckpointError(f"DeepSpeed could not merge the ZeRO-{stage} shards in {ckpt} "
                                   f"({type(e).__name__}: {e})") from None
     else:

@@ -1,7 +1,7 @@
 """`megadalle train`: stage 2, the transformer on token shards, on DeepSpeed.
 
     megadalle train --preset tiny                         # one process, CPU or one GPU
-    deepspeed --num_gpus 2 -m megadalle train --preset tiny --distributed.zero_stage 2
+    deepspeed --num_gpus 2 --module megadalle train --preset tiny --distributed.zero_stage 2
     torchrun --nproc_per_node 2 -m megadalle train ...    # or srun / mpirun
     megadalle train --deepspeed_config ds_configs/zero2_bf16.json ...
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -50,11 +51,13 @@ import torch
 from torch import nn
 
 from megadalle.config import Config, ConfigError, TrainConfig
+from megadalle.errors import CommandError
 from megadalle.distributed import engine as dist
 from megadalle.distributed.watchdog import TrainingGuard
 from megadalle.training.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from megadalle.training.ema import EMA
 from megadalle.training.metrics import Metrics
+from megadalle.training.run_lock import RunLock
 from megadalle.training.schedules import LRSchedule
 
 
@@ -100,6 +103,7 @@ class Trainer:
         self.updates = 0  # applied optimizer updates
         self.skipped = 0
         self.engine: Any = None
+        self.lock = RunLock(self.folder)
         self._set_up = False
 
     # ------------------------------------------------------------------ hooks
@@ -170,6 +174,28 @@ class Trainer:
         env = dist.init_distributed(self.cfg.distributed)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.local_rank = env.local_rank
+        self._lock_run_folder()
+        try:
+            self._build_and_resume()
+        except BaseException:
+            self.lock.release()
+            raise
+        self._set_up = True
+
+    def _lock_run_folder(self) -> None:
+        """Rank 0 takes the stage folder's lock; every rank stops with its message if it cannot."""
+        error = ""
+        if self.is_main:
+            try:
+                self.lock.acquire()
+            except CommandError as e:
+                error = str(e)
+        # One id for this run's temporary save folders, the same on every rank.
+        error, self.run_id = dist.broadcast_object((error, uuid.uuid4().hex[:12]))
+        if error:
+            raise CommandError(error)
+
+    def _build_and_resume(self) -> None:
         self.global_batch = self.tcfg.global_batch(self.world)
         # Same init on every rank (ZeRO-3 partitions what each rank built), then per-rank streams.
         self._seed(self.tcfg.seed)
@@ -192,7 +218,10 @@ class Trainer:
         self.val_data = self.build_val_data()
         self.schedule = LRSchedule(self.tcfg.schedule, self.tcfg.optimizer.lr, self.tcfg.steps)
         self.ema = EMA(self.tcfg.ema_decay, self.tcfg.ema_every)
-        self.ckpt = CheckpointManager(self.folder / "checkpoints", self.cfg.checkpoint, self.rank, self.world)
+        self.ckpt = CheckpointManager(self.folder / "checkpoints", self.cfg.checkpoint, self.rank, self.world,
+                                      self.run_id)
+        if self.is_main and self.lock.held:
+            self.ckpt.remove_stale_temps()
         self.metrics = Metrics(self.folder, self.cfg.logging, self.is_main, run_name=self.stage,
                                config=self.cfg.to_dict())
         self.resumed_from = ""
@@ -201,11 +230,12 @@ class Trainer:
         target_name = dist.broadcast_object(str(target) if target else "")
         if target_name:
             self.resume(Path(target_name))
+            if self.is_main:  # a rewind: newer checkpoints are set aside, never pruned later
+                self.ckpt.set_aside_newer(self.step)
         elif self.ema.enabled:
             self.ema.update(dist.full_fp32_named_parameters(self.engine), keep=self.is_main)
         if self.is_main:
             self.cfg.save(self.folder / "config.yaml")
-        self._set_up = True
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -346,6 +376,16 @@ class Trainer:
 
     def train(self) -> TrainSummary:
         self.setup()
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        """Release the run folder (train() does this itself; for trainers only set up)."""
+        self.lock.release()
+
+    def _train(self) -> TrainSummary:
         summary = TrainSummary(resumed_from=self.resumed_from)
         start = self.step
         total = self.tcfg.steps
