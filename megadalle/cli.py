@@ -41,6 +41,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every training command shares, spelled the same everywhere:
+    `--deepspeed_config` (DeepSpeed's own spelling; `--deepspeed-config` too) and `--resume`."""
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="FILE",
+                        help="hand-written DeepSpeed JSON merged over the generated one; keys that the typed "
+                             "config also sets must agree, optimizer/scheduler sections are refused")
+    parser.add_argument("--resume", default=None, metavar="latest|none|PATH",
+                        help="shortcut for --checkpoint.resume")
+
+
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that the deepspeed launcher puts before the command name (its
+    `--module megadalle train ...` runs `python -m megadalle --local_rank=0 train ...`); rank
+    discovery reads LOCAL_RANK from the environment instead."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.split("=", 1)[0] in ("--local_rank", "--local-rank"):
+            i += 1 if "=" in tok else 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def _split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
     """Separate `--a.b=v` / `--a.b v` overrides from arguments nobody claimed."""
     overrides, unknown = [], []
@@ -79,10 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _without_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from megadalle import __version__
+
+        print(f"megadalle {__version__}")
         return 0
     name = argv[0]
     if name not in COMMANDS:
@@ -93,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"megadalle {name}", description=COMMANDS[name][1])
     sub.add_argument("--preset", default=None, choices=list(PRESETS), help="named configuration to start from")
     sub.add_argument("--config", default=None, metavar="FILE", help="YAML config (overrides the preset)")
+    sub.add_argument("--print-config", action="store_true",
+                     help="print the resolved config (defaults <- preset <- file <- overrides) as YAML and exit")
     module.add_arguments(sub)
     args, extra = sub.parse_known_args(argv[1:])
     overrides, unknown = _split_overrides(extra)
@@ -102,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(args.preset, args.config, overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
         rc = module.run(args, cfg)
     except (ConfigError, CommandError) as e:
         print(f"megadalle {name}: error: {e}", file=sys.stderr)

@@ -51,7 +51,8 @@ def _train(run_dir, *extra: str) -> int:
 
 def test_train_on_token_shards_with_validation_and_resume(run_folder, capsys):
     args = ["--train.eval_every", "2", "--train.eval_batches", "2", "--tokenizer.bpe_dropout", "0.1",
-            "--train.schedule.plateau_patience", "1", "--train.sample_every", "4"]
+            "--train.schedule.kind", "warmup_plateau", "--train.schedule.plateau_patience", "1",
+            "--train.sample_every", "4"]
     assert _train(run_folder, "--train.steps", "4", *args) == 0
     out = capsys.readouterr().out
     assert "trained to step 4 (4 steps this run" in out and "transformer.safetensors" in out
@@ -162,3 +163,14 @@ def test_trainer_loss_equals_the_models_own_loss(predict_padding):
     ours = dalle_loss(cfg, text, codes, *model(text, codes))
     theirs = model.loss(text, codes)
     assert all(torch.equal(ours[k], theirs[k]) for k in ("loss", "text_loss", "image_loss"))
+
+
+def test_the_plateau_schedule_without_validation_tokens_is_refused(run_folder, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_folder / "tokens" / "train", run / "tokens" / "train")
+    rc = _train(run, "--train.steps", "1", "--tokenizer.path", str(run_folder / "tokenizer.json"),
+                "--train.schedule.kind", "warmup_plateau", "--train.eval_every", "2")
+    assert rc == 2
+    assert "warmup_plateau needs validation tokens" in capsys.readouterr().err

@@ -56,7 +56,8 @@ def build_ds_config(cfg: Config, train: TrainConfig, world_size: int | None) -> 
         fp16.update(loss_scale=0, initial_scale_power=prec.fp16_initial_scale_power,
                     loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
     out["fp16"] = fp16
-    # Optimizer offload with our torch optimizer (DeepSpeedCPUAdam needs a compiled op).
+    # Optimizer offload with torch's CPU AdamW (impl=auto) is allowed; DeepSpeed otherwise insists
+    # on its compiled DeepSpeedCPUAdam (engine.build_optimizer picks it for impl=deepspeed).
     if dist.offload_optimizer:
         out["zero_force_ds_cpu_optimizer"] = False
     out["steps_per_print"] = _NEVER

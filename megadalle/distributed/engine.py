@@ -227,9 +227,24 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(groups: list[dict[str, Any]], opt: OptimizerConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    """AdamW with the configured implementation; `auto` picks the fastest one available."""
+def build_optimizer(groups: list[dict[str, Any]], opt: OptimizerConfig, on_cuda: bool,
+                    offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW with the configured implementation; `auto` picks the fastest one available.
+
+    With `offload` (distributed.offload_optimizer) ZeRO keeps the fp32 masters and moments on the
+    CPU and steps there, so the optimizer must be a CPU one even on a GPU machine: DeepSpeed's
+    CPU Adam for impl=deepspeed (a compiled op), else torch's multi-tensor AdamW.
+    """
     kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    if offload:
+        if opt.impl == "apex":
+            raise ConfigError("optimizer.impl=apex runs on the GPU and distributed.offload_optimizer=true steps on "
+                              "the CPU; use optimizer.impl=auto or deepspeed")
+        if opt.impl == "deepspeed":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
     if opt.impl == "apex":
         try:
             from apex.optimizers import FusedAdam as ApexFusedAdam  # type: ignore[import-not-found]
@@ -289,7 +304,8 @@ def build_engine(model: nn.Module, cfg: Config, train: TrainConfig, user_config:
     on_cuda = torch.cuda.is_available()
     if on_cuda:
         model = model.cuda()
-    optimizer = build_optimizer(weight_decay_groups(model, train.optimizer.weight_decay), train.optimizer, on_cuda)
+    optimizer = build_optimizer(weight_decay_groups(model, train.optimizer.weight_decay), train.optimizer, on_cuda,
+                                offload=cfg.distributed.offload_optimizer)
     _quiet_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
     _quiet_deepspeed()

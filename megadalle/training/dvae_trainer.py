@@ -216,13 +216,16 @@ def reconstruction_agreement(model: DiscreteVAE, batches: Any, limit: int) -> di
 
 # ---------------------------------------------------------------- command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deepspeed-config", default=None, metavar="JSON",
-                        help="hand-written DeepSpeed JSON merged over the generated one")
+    from megadalle.cli import add_launch_arguments
+
+    add_launch_arguments(parser)
     parser.add_argument("--check-images", type=int, default=200, metavar="N",
                         help="shapes data: held-out images for the reconstruction check at the end (0: skip)")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.resume is not None:
+        cfg = cfg.replace(**{"checkpoint.resume": args.resume})
     trainer = DVAETrainer(cfg, deepspeed_config=args.deepspeed_config, check_images=args.check_images)
     try:
         summary = trainer.train()

@@ -18,13 +18,9 @@ from megadalle.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="FILE",
-                        help="hand-written DeepSpeed JSON merged over the generated one; keys that the typed "
-                             "config also sets must agree, optimizer/scheduler sections are refused")
-    parser.add_argument("--resume", default=None, metavar="latest|none|PATH",
-                        help="shortcut for --checkpoint.resume")
-    # Passed by the deepspeed launcher; rank discovery reads the environment instead.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    from megadalle.cli import add_launch_arguments
+
+    add_launch_arguments(parser)
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:

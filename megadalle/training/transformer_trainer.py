@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megadalle.errors import CommandError
 from megadalle.config import Config, TransformerConfig
+from megadalle.errors import CommandError, ConfigError
 from megadalle.training.sample_seeds import sample_seed, sample_uniform
 from megadalle.training.trainer import Trainer
 
@@ -175,6 +175,10 @@ class TransformerTrainer(Trainer):
             return _Restartable(lambda: SyntheticTokens(self.cfg.transformer, micro, self.rank, self.world,
                                                         self.tcfg.seed + 10_000))
         if not self._token_source("val").exists():
+            if self.tcfg.schedule.kind == "warmup_plateau":  # it would never decay: say so now
+                raise ConfigError(f"train.schedule.kind=warmup_plateau needs validation tokens, and "
+                                  f"{self._token_source('val')} does not exist; encode them (megadalle encode "
+                                  f"--split val), or set train.schedule.kind=constant or cosine")
             return None
         from megadalle.data.loader import token_loader_from_config
 
