@@ -2,8 +2,9 @@
 
 Precedence is CLI > YAML file > preset > defaults. Each section is a dataclass validated in
 ``__post_init__`` with messages that say what to change; cross-section rules live in
-``Config.__post_init__``. Defaults are the paper's hyper-parameters (DALLE_FACTS.md) with the
-model sizes of the ``small`` preset, so that a bare ``Config()`` never allocates a 12B model.
+``Config.__post_init__``. Defaults are the paper's hyper-parameters (Ramesh et al. 2021, "Zero-Shot Text-to-Image
+Generation", sections 2.1-2.5 and appendices A, B, D, E; each section below names where its
+numbers come from, and says so where the paper is silent and we chose) with the model sizes of the ``small`` preset, so that a bare ``Config()`` never allocates a 12B model.
 
 The resolved config is written into every run folder and every checkpoint (``to_dict`` /
 ``save``), and ``Config.from_dict`` rebuilds it exactly.

@@ -83,3 +83,30 @@ def test_optimizer_offload_steps_on_the_cpu_even_on_a_gpu_machine():
     assert type(opt) is torch.optim.AdamW and not opt.defaults.get("fused")
     with pytest.raises(ConfigError, match="apex runs on the GPU"):
         build_optimizer(groups, OptimizerConfig(impl="apex"), on_cuda=True, offload=True)
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """W&B in offline mode (no network): the run id is saved in the checkpoint and reused."""
+    from trainer_toy import ToyTrainer, toy_config
+
+    from megadalle.training.checkpoint import load_torch
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = ToyTrainer(toy_config(tmp_path, **{"train.steps": 3, "logging.wandb": True}), dropout=0.0)
+    first.train()
+    state = load_torch(tmp_path / "toy" / "checkpoints" / "step_00000003" / "trainer_state.pt")
+    assert state["wandb_id"] == first.wandb_id and len(first.wandb_id) == 16
+    second = ToyTrainer(toy_config(tmp_path, **{"logging.wandb": True}), dropout=0.0)
+    second.train()
+    assert second.wandb_id == first.wandb_id
+    runs = sorted(p.name for p in (tmp_path / "toy" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(first.wandb_id) for r in runs)
+
+
+def test_the_repository_stands_on_its_own():
+    """Facts are stated where they are used, not in a file outside the repository."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    offenders = [f for f in tracked if f != "tests/test_footguns.py" and (ROOT / f).is_file()
+                 and "DALLE_FACTS" in (ROOT / f).read_text(errors="replace")]
+    assert not offenders

@@ -1,7 +1,7 @@
 """Two-level process groups: ranks of one machine (intra) and ranks with the same local index on
 every machine (inter).
 
-The paper's exchange (DALLE_FACTS.md, "Distributed optimisation") reduces gradients uncompressed
+The paper's exchange (Ramesh et al. 2021, section 2.5 and appendix E) reduces gradients uncompressed
 inside a machine (fast NVLink) and compresses only what crosses machines (slow network). That
 needs two kinds of groups:
 

@@ -22,7 +22,7 @@ _CONSOLE_KEYS = ("loss", "text_loss", "image_loss", "val_loss", "lr", "grad_norm
 
 class Metrics:
     def __init__(self, folder: Path, log_cfg: LoggingConfig, is_main: bool, run_name: str = "",
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, wandb_id: str | None = None) -> None:
         self.folder = folder
         self.is_main = is_main
         self.tb = None
@@ -46,8 +46,9 @@ class Metrics:
 
                 raise ConfigError("logging.wandb=true but wandb is not installed; pip install wandb "
                                   "or set logging.wandb=false") from None
+            # `id` + resume="allow": a resumed training run continues its W&B run instead of starting one.
             self.wandb = wandb.init(project=log_cfg.wandb_project, name=run_name or None, config=config,
-                                    dir=str(folder), resume="allow")
+                                    dir=str(folder), id=wandb_id, resume="allow")
 
     def log(self, step: int, values: dict[str, float], console: bool = True) -> None:
         if not self.is_main:

@@ -54,7 +54,8 @@ from megadalle.config import Config, ConfigError, TrainConfig
 from megadalle.errors import CommandError
 from megadalle.distributed import engine as dist
 from megadalle.distributed.watchdog import TrainingGuard
-from megadalle.training.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from megadalle.training.checkpoint import (TRAINER_STATE, CheckpointError, CheckpointManager, load_torch, rng_state,
+                                           set_rng_state)
 from megadalle.training.ema import EMA
 from megadalle.training.metrics import Metrics
 from megadalle.training.run_lock import RunLock
@@ -222,12 +223,14 @@ class Trainer:
                                       self.run_id)
         if self.is_main and self.lock.held:
             self.ckpt.remove_stale_temps()
-        self.metrics = Metrics(self.folder, self.cfg.logging, self.is_main, run_name=self.stage,
-                               config=self.cfg.to_dict())
         self.resumed_from = ""
         target = self.ckpt.resume_target(self.cfg.checkpoint.resume)
         # Every rank must resume the same checkpoint (rank 0's view of the shared folder decides).
         target_name = dist.broadcast_object(str(target) if target else "")
+        # A resumed run logs into the same W&B run: its id travels in the checkpoint.
+        self.wandb_id = self._saved_wandb_id(Path(target_name)) if target_name else uuid.uuid4().hex[:16]
+        self.metrics = Metrics(self.folder, self.cfg.logging, self.is_main, run_name=self.stage,
+                               config=self.cfg.to_dict(), wandb_id=self.wandb_id)
         if target_name:
             self.resume(Path(target_name))
             if self.is_main:  # a rewind: newer checkpoints are set aside, never pruned later
@@ -236,6 +239,12 @@ class Trainer:
             self.ema.update(dist.full_fp32_named_parameters(self.engine), keep=self.is_main)
         if self.is_main:
             self.cfg.save(self.folder / "config.yaml")
+
+    def _saved_wandb_id(self, ckpt: Path) -> str:
+        state = ckpt / TRAINER_STATE
+        saved = load_torch(state).get("wandb_id") if self.is_main and state.is_file() else None
+        # Checkpoints from before the id was saved start a new W&B run.
+        return saved if isinstance(saved, str) and saved else uuid.uuid4().hex[:16]
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -246,6 +255,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "updates": self.updates, "skipped": self.skipped, "section": self.section,
+                "wandb_id": self.wandb_id,
                 "schedule": self.schedule.state_dict(),
                 "ema": self.ema.state_dict() if self.is_main and self.ema.enabled else None,
                 "extra": self.extra_state(),

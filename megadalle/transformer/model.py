@@ -1,6 +1,11 @@
 """The stage-2 transformer: one decoder over the joint text + image token stream.
 
-Choices the paper leaves open (DALLE_FACTS.md, "Stage 2"), and why:
+The paper (Ramesh et al. 2021, section 2.2 and appendix B.1) fixes: text of at most 256 BPE
+tokens (vocabulary 16,384) with 256 distinct learned padding tokens, a 32x32 grid of image tokens
+(vocabulary 8192), a decoder-only sparse transformer over the 1280-token stream, row / column /
+convolutional attention masks, and a cross-entropy loss weighted 1/8 text and 7/8 image.
+
+Choices the paper leaves open, and why:
 
 * Stream: position p holds the previous token and predicts x_p (see masks.py): BOS, t_0 ..
   t_{T-1}, c_0 .. c_{N-2}. That keeps the stream at exactly T + N = 1280 positions (block
