@@ -25,30 +25,22 @@ from megadalle.errors import CommandError, ConfigError
 # name -> (module, one-line help). Add a command here and nowhere else.
 COMMANDS: dict[str, tuple[str, str]] = {
     # In pipeline order: `megadalle --help` lists them this way.
-    "demo": ("megadalle.demo", "the whole pipeline on the built-in shapes data, end to end (--quick: 1-2 min smoke run)"),
-    "data": ("megadalle.data.data_command", "build the shapes data set as shards; check shards for bad input"),
-    "tokenizer": ("megadalle.data.tokenizer_command", "train the caption BPE tokenizer; show encodings"),
-    "train-dvae": ("megadalle.training.dvae_trainer", "train the discrete VAE (stage 1); exports <run_dir>/dvae/"),
-    "encode": ("megadalle.dvae.encode", "turn image shards into dVAE token shards for stage 2 (parallel over ranks, resumable)"),
-    "reconstruct": ("megadalle.dvae.reconstruct", "encode and decode images with a dVAE; side-by-side PNGs"),
-    "train": ("megadalle.training.train_command", "train the stage-2 transformer on token shards (DeepSpeed)"),
-    "train-clip": ("megadalle.training.clip_trainer", "train the contrastive reranker on the image shards"),
-    "sample": ("megadalle.generate.sample_command", "generate images for captions, rerank, write a grid and JSON"),
-    "eval": ("megadalle.eval.eval_command", "sample a caption set and score it (shapes accuracy, CLIP score, FID/IS)"),
-    "convert": ("megadalle.tools.convert", "convert checkpoints (openai-dvae, ...)"),
-    "inspect": ("megadalle.tools.inspect_checkpoint", "show what a training checkpoint holds (step, sizes, dtypes, config)"),
-    "plan": ("megadalle.distributed.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
+    "demo": ("megadalle.commands.demo", "the whole pipeline on the built-in shapes data, end to end (--quick: 1-2 min smoke run)"),
+    "data": ("megadalle.commands.data", "build the shapes data set as shards; check shards for bad input"),
+    "tokenizer": ("megadalle.commands.tokenizer", "train the caption BPE tokenizer; show encodings"),
+    "train-dvae": ("megadalle.commands.train_dvae", "train the discrete VAE (stage 1); exports <run_dir>/dvae/"),
+    "encode": ("megadalle.commands.encode", "turn image shards into dVAE token shards for stage 2 (parallel over ranks, resumable)"),
+    "reconstruct": ("megadalle.commands.reconstruct", "encode and decode images with a dVAE; side-by-side PNGs"),
+    "train": ("megadalle.commands.train", "train the stage-2 transformer on token shards (DeepSpeed)"),
+    "train-clip": ("megadalle.commands.train_clip", "train the contrastive reranker on the image shards"),
+    "sample": ("megadalle.commands.sample", "generate images for captions, rerank, write a grid and JSON"),
+    "eval": ("megadalle.commands.eval", "sample a caption set and score it (shapes accuracy, CLIP score, FID/IS)"),
+    "convert": ("megadalle.commands.convert", "convert checkpoints (openai-dvae, zero-to-safetensors)"),
+    "inspect": ("megadalle.commands.inspect", "show what a training checkpoint holds (step, sizes, dtypes, config)"),
+    "plan": ("megadalle.commands.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),
+    "smoke": ("megadalle.commands.smoke", "communication smoke test of a cluster or launcher (all-reduces under the watchdog)"),
+    "launch": ("megadalle.commands.launch", "launch helpers for job scripts: a deepspeed hostfile, the discovered rank layout"),
 }
-
-
-def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments every training command shares, spelled the same everywhere:
-    `--deepspeed_config` (DeepSpeed's own spelling; `--deepspeed-config` too) and `--resume`."""
-    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="FILE",
-                        help="hand-written DeepSpeed JSON merged over the generated one; keys that the typed "
-                             "config also sets must agree, optimizer/scheduler sections are refused")
-    parser.add_argument("--resume", default=None, metavar="latest|none|PATH",
-                        help="shortcut for --checkpoint.resume")
 
 
 def _without_local_rank(argv: list[str]) -> list[str]:

@@ -11,7 +11,7 @@
 #   STOP_MARGIN_S=120         stop this long before the time limit (see the deadline below).
 #   PYTHON=python             interpreter of the environment megadalle is installed in.
 #   MEGADALLE_PROGRAM         what runs on each rank instead of "$PYTHON -u -m megadalle $COMMAND",
-#                             e.g. "python -m megadalle.distributed.smoke" to test the wiring.
+#                             e.g. "python -m megadalle smoke" to test the wiring.
 #
 # Requeue protocol: `#SBATCH --signal=B:USR1@120` sends USR1 to this shell 120 s before the time
 # limit; the trap forwards it to srun, which forwards it to every rank; the ranks agree on a step,
@@ -51,7 +51,7 @@ JOB_DIR="${JOB_DIR:-${SLURM_SUBMIT_DIR:-.}/runs/slurm/${SLURM_JOB_ID}}"
 mkdir -p "$JOB_DIR"
 HOSTFILE="$JOB_DIR/hostfile"
 scontrol show hostnames "${SLURM_JOB_NODELIST:?}" \
-    | "$PYTHON" -m megadalle.distributed.launch hostfile --slots "$GPUS_PER_NODE" --expect-nodes "$NODES" \
+    | "$PYTHON" -m megadalle launch hostfile --slots "$GPUS_PER_NODE" --expect-nodes "$NODES" \
         --out "$HOSTFILE" \
     || megadalle_die "could not build $HOSTFILE from SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
 export MASTER_ADDR="${MASTER_ADDR:-$(head -n 1 "$HOSTFILE" | cut -d' ' -f1)}"

@@ -11,7 +11,7 @@ import torch
 from megadalle.cli import main
 from megadalle.config import load_config
 from megadalle.data import shapes as S
-from megadalle.eval.eval_command import judge_results
+from megadalle.commands.eval import judge_results
 from megadalle.eval.shapes_accuracy import eval_captions, heldout_of
 from megadalle.eval.summary import summarise
 from megadalle.generate.pipeline import CaptionResult
@@ -56,7 +56,13 @@ def test_eval_command_writes_report(tmp_path, capsys):
     rep = json.loads((out / "eval.json").read_text())
     assert rep["n_captions"] == 2 and rep["captions_not_scored"] == 1
     assert rep["best_of_n"]["all"]["n"] == 1 and rep["single_sample"]["all"]["n"] == 2
-    assert 0 <= rep["clip_score_best_of_n"] <= 100
+    # CLIP score = 100 * mean(max(cos, 0)), recomputed from the reranker's scores in samples.json
+    # (ranked best first): best-of-N takes each caption's first, single-sample every image.
+    ranked = [[e["score"] for e in c["images"]] for c in json.loads((out / "samples.json").read_text())["captions"]]
+    assert [len(r) for r in ranked] == [2, 2] and all(r == sorted(r, reverse=True) for r in ranked)
+    assert rep["clip_score_best_of_n"] == pytest.approx(100 * sum(max(r[0], 0) for r in ranked) / 2, abs=1e-3)
+    assert rep["clip_score_single_sample"] == pytest.approx(100 * sum(max(s, 0) for r in ranked for s in r) / 4,
+                                                            abs=1e-3)
     assert rep["fid_is"].startswith("skipped")
     assert (out / "grid.png").is_file() and (out / "eval.txt").read_text().startswith("2 captions")
     capsys.readouterr()

@@ -6,7 +6,7 @@ from PIL import Image
 
 from megadalle.errors import CommandError
 from megadalle.eval.summary import Judgement, format_summary, summarise
-from megadalle.generate.images import load_image, make_grid, save_png
+from megadalle.data.images import load_image, make_grid, save_png
 
 
 def test_summary_per_attribute_split_and_single_object():

@@ -38,7 +38,7 @@ def start_ranks(world: int, out: Path, steps: int = 100000, sleep: float = 0.05,
         env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "megadalle.distributed.smoke", "--backend", "gloo", "--steps", str(steps),
+            [sys.executable, "-m", "megadalle", "smoke", "--backend", "gloo", "--steps", str(steps),
              "--sleep", str(sleep), "--timeout", str(TIMEOUT_S), "--out", str(out), *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs

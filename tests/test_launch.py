@@ -164,7 +164,7 @@ def test_hostfile_from_scontrol_output(tmp_path):
         build_hostfile(["a"], 0)
 
     # The command-line form the sbatch scripts use.
-    cmd = [sys.executable, "-m", "megadalle.distributed.launch", "hostfile", "--slots", "4"]
+    cmd = [sys.executable, "-m", "megadalle", "launch", "hostfile", "--slots", "4"]
     out = tmp_path / "hostfile"
     r = subprocess.run(cmd + ["--out", str(out), "--expect-nodes", "2"], input="n1\nn2\n", text=True,
                        capture_output=True)

@@ -12,9 +12,9 @@ import torch
 from megadalle.cli import main
 from megadalle.errors import CommandError
 from megadalle.dvae.io import load_dvae
-from megadalle.generate.images import save_png
+from megadalle.data.images import save_png
 from megadalle.generate.pipeline import prompt_prefix, read_prompts, sample_caption
-from megadalle.generate.sample_command import load_models, sampling_config
+from megadalle.commands.sample import load_models, sampling_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sample_run import build_random_run  # noqa: E402
@@ -80,7 +80,7 @@ def test_image_prompt_rows_are_kept_exactly(run_dir, tmp_path):
     torch.manual_seed(1)
     img = torch.rand(3, 32, 32)
     save_png(img, tmp_path / "prompt.png")
-    from megadalle.generate.sample_command import image_prompt_prefix
+    from megadalle.commands.sample import image_prompt_prefix
 
     prefix = image_prompt_prefix(loaded, str(tmp_path / "prompt.png"), 2)  # 2 of 4 rows
     assert prefix.shape == (2 * 4,)
@@ -97,7 +97,7 @@ def test_image_prompt_rows_are_kept_exactly(run_dir, tmp_path):
 
 
 def _png_roundtrip(path):
-    from megadalle.generate.images import load_image
+    from megadalle.data.images import load_image
 
     return load_image(path, 32).unsqueeze(0)
 

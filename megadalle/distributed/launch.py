@@ -22,18 +22,16 @@ groups from that. Every launcher above does so by default; an environment that b
 ``mpirun --map-by node``) or that contradicts itself (WORLD_SIZE not matching the SLURM task
 count, a rank outside the world) raises LaunchError saying what to change.
 
-`python -m megadalle.distributed.launch hostfile --slots 8 < <(scontrol show hostnames)` writes
-a deepspeed hostfile; `python -m megadalle.distributed.launch env` prints what discover() sees.
+`python -m megadalle launch hostfile --slots 8 < <(scontrol show hostnames)` writes
+a deepspeed hostfile; `python -m megadalle launch env` prints what discover() sees.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
 import socket
-import sys
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
@@ -417,46 +415,4 @@ def init_process_group(backend: str = "auto", timeout_s: float = 600, d: DistEnv
     return d
 
 
-# --------------------------------------------------------------------------------------------
-# `python -m megadalle.distributed.launch hostfile|env`
-# --------------------------------------------------------------------------------------------
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megadalle.distributed.launch",
-                                description="Launch helpers for SLURM job scripts.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    h = sub.add_parser("hostfile", help="write a deepspeed hostfile from `scontrol show hostnames` on stdin")
-    h.add_argument("--slots", type=int, required=True, help="GPUs (processes) per node")
-    h.add_argument("--nodelist", default=None,
-                   help="expand this SLURM host list instead of reading stdin (when scontrol is unavailable)")
-    h.add_argument("--expect-nodes", type=int, default=0, help="fail unless exactly this many hosts are given")
-    h.add_argument("--out", default="-", help="file to write (default: stdout)")
-    sub.add_parser("env", help="print the DistEnv discovered from this process's environment")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "env":
-            # One write: the ranks of a job often share one unbuffered stdout.
-            sys.stdout.write(f"{discover()}\n")
-            sys.stdout.flush()
-            return 0
-        hosts = parse_hostnames("\n".join(expand_hostlist(args.nodelist)) if args.nodelist else sys.stdin.read())
-        if args.expect_nodes and len(hosts) != args.expect_nodes:
-            raise LaunchError(f"{len(hosts)} host(s) given but --expect-nodes={args.expect_nodes}: the job's node "
-                              f"count and the script's NODES disagree")
-        text = build_hostfile(hosts, args.slots)
-    except LaunchError as e:
-        print(f"megadalle launch: error: {e}", file=sys.stderr)
-        return 2
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -60,12 +60,8 @@ all-gather (n-1)/n B for B bytes over n ranks):
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from megadalle.config import Config, TransformerConfig
@@ -258,22 +254,6 @@ def traffic(c: ParamCounts, t: TransformerConfig, nodes: int, gpus_per_node: int
 # --------------------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, required=True, help="machines")
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per machine")
-    p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 16GiB, 80GB")
-    p.add_argument("--reserve", default="0.5GiB",
-                   help="set aside per GPU for the CUDA context, kernel workspaces and fragmentation "
-                        "(default 0.5GiB)")
-    p.add_argument("--micro-batch", type=int, default=0, help="sequences per GPU per micro-step (default: "
-                                                               "train.micro_batch_size)")
-    p.add_argument("--shard-group", choices=["world", "node"], default="world",
-                   help="ZeRO shards over all GPUs (DeepSpeed's default) or inside each machine")
-    p.add_argument("--error-buffer-bytes", type=int, choices=[2, 4], default=2,
-                   help="bytes per matrix parameter of the paper scheme's PowerSGD error buffer")
-    p.add_argument("--json", default="", metavar="FILE", help="also write the numbers as JSON")
-
-
 def _gib(x: float) -> str:
     return f"{x / GiB:7.2f}"
 
@@ -372,15 +352,3 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append(f"paper's scheme with activation checkpointing: {plan['paper']['total_checkpointed'] / GiB:.2f} GiB "
                  f"per GPU -> {'fits' if plan['paper_fits'] else 'does NOT fit'}")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    plan = build_plan(cfg, args.nodes, args.gpus_per_node, parse_bytes(args.gpu_memory), parse_bytes(args.reserve),
-                      args.micro_batch, args.shard_group, args.error_buffer_bytes)
-    print(format_plan(plan))
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(plan, indent=2))
-        print(f"wrote {out}")
-    return 0

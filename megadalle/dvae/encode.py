@@ -11,7 +11,6 @@ each index stands for, so that resuming against a different source is refused ra
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from megadalle.errors import CommandError
-from megadalle.config import Config, DataConfig
+from megadalle.config import DataConfig
 
 UNITS_FILE = "units.json"
 
@@ -164,36 +163,3 @@ def encode_source(source: str, dvae_dir: str | Path, out_dir: str | Path, data: 
     tmp.write_text(json.dumps(summary.to_dict(), indent=1))
     os.replace(tmp, report)
     return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", default="train", choices=("train", "val", "heldout"),
-                        help="which split of data.source (or data.val_source) to encode")
-    parser.add_argument("--input", default=None, metavar="SRC",
-                        help="shard directory / glob / image folder (default: data.source for --split)")
-    parser.add_argument("--out", default=None, metavar="DIR", help="default <logging.run_dir>/tokens/<split>")
-    parser.add_argument("--dvae", default=None, metavar="DIR", help="default <logging.run_dir>/dvae")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    from megadalle.distributed.launch import discover
-
-    env = discover()
-    run_dir = Path(cfg.logging.run_dir)
-    if args.input:
-        source = args.input
-    else:
-        from megadalle.data.loader import resolve_image_source
-
-        source = resolve_image_source(cfg, args.split)
-    out = args.out or str(run_dir / "tokens" / args.split)
-    dvae = args.dvae or str(run_dir / "dvae")
-    device = args.device
-    if device == "cuda" and env.local_world_size > 1:
-        device = f"cuda:{env.local_rank}"  # one GPU per rank on a node
-    summary = encode_source(source, dvae, out, cfg.data, env.rank, env.world_size, args.batch_size,
-                            device, progress=cfg.logging.progress)
-    print(summary.describe())
-    return 0

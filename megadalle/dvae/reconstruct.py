@@ -6,21 +6,11 @@ Each image is centre-cropped, resized to the dVAE's size, encoded to tokens (arg
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from megadalle.errors import CommandError
-from megadalle.config import Config
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMG", help="image files (png, jpg, ...)")
-    parser.add_argument("--dvae", default=None, metavar="DIR",
-                        help="dVAE folder (dvae.safetensors + dvae.yaml); default <logging.run_dir>/dvae")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the side-by-side PNGs")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
 
 
 def _out_names(paths: list[Path]) -> list[str]:
@@ -39,7 +29,7 @@ def reconstruct_files(images: list[str | Path], dvae_dir: str | Path, out_dir: s
     """Write side-by-side PNGs; returns (path, PSNR in dB) per image."""
     from megadalle.dvae.io import load_dvae
     from megadalle.dvae.loss import psnr
-    from megadalle.generate.images import load_image, make_grid, save_png
+    from megadalle.data.images import load_image, make_grid, save_png
 
     try:
         dev = torch.device(device)
@@ -61,14 +51,3 @@ def reconstruct_files(images: list[str | Path], dvae_dir: str | Path, out_dir: s
         side_by_side = make_grid(torch.cat([x, rec]).cpu(), ncol=2)
         results.append((save_png(side_by_side, out / name), float(psnr(rec, x))))
     return results
-
-
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    dvae_dir = args.dvae or str(Path(cfg.logging.run_dir) / "dvae")
-    results = reconstruct_files(args.images, dvae_dir, args.out, args.device)
-    for path, db in results:
-        print(f"  {path}  (PSNR {db:.1f} dB)")
-    mean = sum(db for _, db in results) / len(results)
-    print(f"wrote {len(results)} side-by-side PNG(s) (original | reconstruction) to {args.out}; "
-          f"mean PSNR {mean:.1f} dB")
-    return 0

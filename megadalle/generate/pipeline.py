@@ -20,7 +20,7 @@ import torch
 from megadalle.errors import CommandError
 from megadalle.clip.rerank import Scorer, rank
 from megadalle.config import SamplingConfig
-from megadalle.generate.images import make_grid, save_png
+from megadalle.data.images import make_grid, save_png
 
 # A batch of captions' token ids and an optional prefix of image codes -> image codes.
 # generate(text long [B,T], prefix long [B,P] | None, generator) -> codes long [B, grid*grid]

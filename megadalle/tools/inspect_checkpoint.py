@@ -6,7 +6,6 @@ shapes and dtypes, from the model states) and the key settings of the stored con
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 
@@ -75,13 +74,3 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder (step_*) or a checkpoints folder")
-    parser.add_argument("--params", type=int, default=20, metavar="N", help="list the first N parameters")
-
-
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    print(describe(args.ckpt, args.params))
-    return 0

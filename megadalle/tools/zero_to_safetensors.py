@@ -92,18 +92,3 @@ def write(state: dict[str, torch.Tensor], ckpt: Path, meta: dict, out: str | Pat
     else:
         cfg_out.write_text(json.dumps(meta), encoding="utf-8")
     return out, cfg_out
-
-
-def add_arguments(p) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder (step_*) or a checkpoints folder (uses latest)")
-    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="output weights; the config goes "
-                   "beside it as FILE.yaml")
-
-
-def run(args, cfg) -> int:
-    state, ckpt, meta = consolidate(args.ckpt)
-    out, cfg_out = write(state, ckpt, meta, args.out)
-    n = sum(t.numel() for t in state.values())
-    print(f"wrote {out} ({len(state)} tensors, {n:,} parameters, fp32) and {cfg_out} "
-          f"from {ckpt} (step {meta.get('step')}, ZeRO-{meta.get('zero_stage')}, {meta.get('world_size')} ranks)")
-    return 0

@@ -7,13 +7,11 @@ that `load_clip` (and so `megadalle sample` / `eval`) reads.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from megadalle.errors import CommandError
 from megadalle.clip.model import ClipGeometry, ClipModel
 from megadalle.config import Config
 from megadalle.generate.load import load_tokenizer
@@ -57,30 +55,3 @@ class ClipTrainer(Trainer):
     def export_config(self) -> dict[str, Any]:
         # The format `load_clip` reads: the reranker's own config and the data geometry.
         return {"clip": asdict(self.cfg.clip), "geometry": asdict(self.geometry)}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from megadalle.cli import add_launch_arguments
-
-    add_launch_arguments(parser)
-    parser.add_argument("--steps", type=int, default=None, help="override clip_train.steps")
-
-
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    if args.steps is not None:
-        cfg = cfg.replace(**{"clip_train.steps": args.steps})
-    if args.resume is not None:
-        cfg = cfg.replace(**{"checkpoint.resume": args.resume})
-    if cfg.clip.open_clip_checkpoint:
-        raise CommandError("clip.open_clip_checkpoint is set: that reranker is used as is; train-clip trains "
-                           "megadalle's own reranker, so unset clip.open_clip_model/open_clip_checkpoint")
-    from megadalle.distributed.engine import close_distributed
-
-    trainer = ClipTrainer(cfg, deepspeed_config=args.deepspeed_config)
-    try:
-        summary = trainer.train()
-        if trainer.is_main:
-            print(summary.describe())
-    finally:
-        close_distributed()
-    return 0

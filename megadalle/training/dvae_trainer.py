@@ -15,9 +15,7 @@ What this subclass adds to the base loop:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +131,7 @@ class DVAETrainer(Trainer):
         model = self.ema_model()
         if not self.is_main:
             return []
-        from megadalle.generate.images import make_grid, save_png
+        from megadalle.data.images import make_grid, save_png
 
         x = self._fixed_images()
         rec = model.reconstruct(x)
@@ -212,25 +210,3 @@ def reconstruction_agreement(model: DiscreteVAE, batches: Any, limit: int) -> di
         return {}
     return {"facts_agree": agree / n, "images": float(n), "codebook_perplexity": L.perplexity(counts),
             "dead_codes": float((counts == 0).sum()), "psnr": psnr_sum / n}
-
-
-# ---------------------------------------------------------------- command
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from megadalle.cli import add_launch_arguments
-
-    add_launch_arguments(parser)
-    parser.add_argument("--check-images", type=int, default=200, metavar="N",
-                        help="shapes data: held-out images for the reconstruction check at the end (0: skip)")
-
-
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    if args.resume is not None:
-        cfg = cfg.replace(**{"checkpoint.resume": args.resume})
-    trainer = DVAETrainer(cfg, deepspeed_config=args.deepspeed_config, check_images=args.check_images)
-    try:
-        summary = trainer.train()
-    finally:
-        dist.close_distributed()
-    if trainer.is_main:
-        print(summary.describe())
-    return 0 if math.isfinite(summary.last_loss) else 1

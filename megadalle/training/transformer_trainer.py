@@ -229,7 +229,7 @@ class TransformerTrainer(Trainer):
                 self._warned_samples = True
             return []
         from megadalle.dvae.io import load_dvae
-        from megadalle.generate.images import make_grid, save_png
+        from megadalle.data.images import make_grid, save_png
         from megadalle.transformer.sampling import generate
 
         captions = self._sample_captions()

@@ -26,7 +26,7 @@ from megadalle.errors import CommandError
 from megadalle.config import Config
 from megadalle.eval.summary import Judgement, format_summary, summarise
 from megadalle.generate.pipeline import CaptionResult, read_prompts, sampling_settings, write_results
-from megadalle.generate.sample_command import (add_model_arguments, add_sampling_arguments, generate_all,
+from megadalle.commands.sample import (add_model_arguments, add_sampling_arguments, generate_all,
                                                load_models, sampling_config)
 
 

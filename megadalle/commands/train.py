@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 
+from megadalle.commands.training_options import add_launch_arguments
 from megadalle.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from megadalle.cli import add_launch_arguments
-
     add_launch_arguments(parser)
 
 

@@ -44,15 +44,20 @@ def _openai_dvae_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _zero_to_safetensors_arguments(p: argparse.ArgumentParser) -> None:
-    from megadalle.tools import zero_to_safetensors
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder (step_*) or a checkpoints folder (uses latest)")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="output weights; the config goes "
+                   "beside it as FILE.yaml")
 
-    zero_to_safetensors.add_arguments(p)
 
+def _zero_to_safetensors_run(args: argparse.Namespace, cfg: Config) -> int:
+    from megadalle.tools.zero_to_safetensors import consolidate, write
 
-def _zero_to_safetensors_run(args: argparse.Namespace, cfg: Config) -> int | None:
-    from megadalle.tools import zero_to_safetensors
-
-    return zero_to_safetensors.run(args, cfg)
+    state, ckpt, meta = consolidate(args.ckpt)
+    out, cfg_out = write(state, ckpt, meta, args.out)
+    n = sum(t.numel() for t in state.values())
+    print(f"wrote {out} ({len(state)} tensors, {n:,} parameters, fp32) and {cfg_out} "
+          f"from {ckpt} (step {meta.get('step')}, ZeRO-{meta.get('zero_stage')}, {meta.get('world_size')} ranks)")
+    return 0
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {

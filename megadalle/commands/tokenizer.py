@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Iterator
 
 from megadalle.errors import CommandError
 from megadalle.config import Config
-from megadalle.data.data_command import common_options
+from megadalle.commands.data import common_options
+from megadalle.data.captions import default_path, shapes_captions, shard_captions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,45 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = common_options(sub.add_parser("encode", help="print the ids of captions"))
     e.add_argument("--path", default=None, help="tokenizer file (default: tokenizer.path or <run_dir>/tokenizer.json)")
     e.add_argument("captions", nargs="+")
-
-
-def default_path(cfg: Config) -> Path:
-    return Path(cfg.tokenizer.path or Path(cfg.logging.run_dir) / "tokenizer.json")
-
-
-def shapes_captions(cfg: Config, limit: int = 0) -> Iterator[str]:
-    """Captions of the shapes training split (the same ones its shards hold), without rendering."""
-    from megadalle.data.shapes import ShapesDataset
-
-    ds = ShapesDataset.from_config(cfg.data.shapes, "train", image_size=cfg.data.image_size)
-    n = cfg.data.shapes.n_train if not limit else min(limit, cfg.data.shapes.n_train)
-    for i in range(n):
-        yield ds.sample(i).caption
-
-
-def shard_captions(source: str, counts: dict[str, int], limit: int = 0) -> Iterator[str]:
-    """Captions of a shard set or image folder; missing or empty ones are counted in `counts`."""
-    from megadalle.data.decode import BadSample, decode_caption
-    from megadalle.data.shards import Record, iter_unit_records, source_units
-
-    n = 0
-    for unit in source_units(source):
-        for rec in iter_unit_records(unit):
-            if not isinstance(rec, Record):
-                counts[rec.reason] = counts.get(rec.reason, 0) + 1
-                continue
-            conversions: list[str] = []
-            try:
-                text = decode_caption(rec, conversions)
-            except BadSample as e:
-                counts[e.reason] = counts.get(e.reason, 0) + 1
-                continue
-            for c in conversions:
-                counts[c] = counts.get(c, 0) + 1
-            yield text
-            n += 1
-            if limit and n >= limit:
-                return
 
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:

@@ -151,7 +151,7 @@ def image_prompt_prefix(loaded: Loaded, image: str | None, rows: int | None) -> 
     if image is None or rows is None:
         raise CommandError("--image-prompt and --prompt-rows go together: give the image and how many token rows "
                            "of it to keep")
-    from megadalle.generate.images import load_image
+    from megadalle.data.images import load_image
 
     pixels = load_image(image, loaded.dvae.cfg.image_size)  # (3, H, W)
     codes = loaded.dvae.codes(pixels.unsqueeze(0))[0]  # (g, g)
