@@ -3,7 +3,8 @@ import textwrap
 import pytest
 
 from megadalle.cli import _split_overrides, main
-from megadalle.config import Config, ConfigError, PRESETS, dalle_attention_schedule, load_config
+from megadalle.config import Config, ConfigError, PRESETS, load_config
+from megadalle.transformer.masks import dalle_attention_schedule
 
 
 def test_defaults_are_paper_hyperparameters():

@@ -101,7 +101,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     second.train()
     assert second.wandb_id == first.wandb_id
     runs = sorted(p.name for p in (tmp_path / "toy" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.endswith(first.wandb_id) for r in runs)
+    assert len(runs) == 2 and all(f"-{first.wandb_id}" in r for r in runs)  # the same run, resumed
 
 
 def test_the_repository_stands_on_its_own():
@@ -110,3 +110,15 @@ def test_the_repository_stands_on_its_own():
     offenders = [f for f in tracked if f != "tests/test_footguns.py" and (ROOT / f).is_file()
                  and "DALLE_FACTS" in (ROOT / f).read_text(errors="replace")]
     assert not offenders
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"distributed.zero_stage": 2}, "zero_stage 0 or 1, not 2"),
+    ({"distributed.zero_stage": 3, "precision.mode": "fp16_per_resblock"}, "zero_stage 0 or 1, not 3"),
+    ({"distributed.zero_stage": 1, "precision.mode": "fp16"}, "does not work with precision.mode=fp16"),
+])
+def test_powersgd_limits_are_refused_when_the_config_is_read(overrides, fragment):
+    """Before DeepSpeed starts, not deep inside it."""
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("tiny", None, {"distributed.powersgd.enabled": True, **overrides})
+    load_config("tiny", None, {"distributed.powersgd.enabled": True, "distributed.zero_stage": 1})

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from megadalle.config import ATTENTION_TYPES, dalle_attention_schedule, load_config
+from megadalle.config import ATTENTION_TYPES, load_config
+from megadalle.transformer.masks import dalle_attention_schedule, layer_types
 from megadalle.ops.layout import BlockLayout
 from megadalle.transformer.masks import (BLOCK_SIZES, MaskGeometry, allowed, column_permutation, element_mask,
                                          mask_report, mask_set)
@@ -82,8 +83,8 @@ def test_schedule_is_the_papers_and_configurable():
     types = dalle_attention_schedule(64)
     assert types[63] == "conv" and types.count("conv") == 1
     assert [i + 1 for i, t in enumerate(types) if t == "column"] == list(range(2, 64, 4))
-    assert load_config(overrides={"transformer.depth": 5, "transformer.attention_schedule": "row, conv"}
-                       ).transformer.layer_types() == ["row", "conv", "row", "conv", "row"]
+    assert layer_types(load_config(overrides={"transformer.depth": 5, "transformer.attention_schedule": "row, conv"}
+                                      ).transformer) == ["row", "conv", "row", "conv", "row"]
 
 
 def test_column_permutation_makes_the_column_mask_block_sparse():

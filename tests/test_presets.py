@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from megadalle.config import PRESETS, dalle_attention_schedule, load_config
+from megadalle.config import PRESETS, load_config
+from megadalle.transformer.masks import dalle_attention_schedule
 from megadalle.transformer.model import AttentionBlock, DALLETransformer, MLPBlock, count_parameters
 
 

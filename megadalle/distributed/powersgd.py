@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megadalle.config import Config, ConfigError, DistributedConfig
+from megadalle.config import Config, ConfigError, DistributedConfig, powersgd_refusal
 from megadalle.distributed.comm import Comm
 
 # The paper's table: rank 896 at d_model 3968 with 8 GPUs per machine, i.e. 112 per GPU shard.
@@ -428,22 +428,14 @@ def build_exchange(model: nn.Module, cfg: DistributedConfig, d_model: int, comm:
 # DeepSpeed integration
 # --------------------------------------------------------------------------------------------
 
-SUPPORTED_ZERO_STAGES = (0, 1)
-
-
 def check_supported(zero_stage: int, precision_mode: str) -> None:
-    """Refuse the combinations whose gradient reduction we cannot take over from DeepSpeed."""
-    if zero_stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError(
-            f"distributed.powersgd.enabled=true works with distributed.zero_stage 0 or 1, not {zero_stage}: "
-            f"ZeRO-2/3 reduce each gradient inside DeepSpeed's backward hooks over all ranks, which would "
-            f"send it uncompressed between machines. Set --distributed.zero_stage=1 (optimizer states stay "
-            f"partitioned) or --distributed.powersgd.enabled=false")
-    if precision_mode == "fp16":
-        raise ConfigError(
-            "distributed.powersgd.enabled=true does not work with precision.mode=fp16: DeepSpeed's global "
-            "loss scaler would never learn about the steps the exchange skips. Use precision.mode=bf16, "
-            "fp32 or fp16_per_resblock")
+    """Refuse the combinations whose gradient reduction we cannot take over from DeepSpeed.
+
+    The config refuses them at start-up already (`powersgd_refusal`); this checks the engine
+    DeepSpeed actually built, which a hand-written DeepSpeed JSON may have changed."""
+    problem = powersgd_refusal(zero_stage, precision_mode)
+    if problem:
+        raise ConfigError(problem)
 
 
 class DeepSpeedExchange:

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from megadalle.errors import CommandError
-from megadalle.config import ConfigError, DVAEConfig, _build
+from megadalle.config import ConfigError, DVAEConfig
+from megadalle.config.coerce import build_dataclass
 from megadalle.dvae.model import DiscreteVAE
 
 WEIGHTS = "dvae.safetensors"
@@ -58,7 +59,7 @@ def load_dvae_config(dvae_dir: str | Path) -> DVAEConfig:
     if not isinstance(raw, dict):
         raise CommandError(f"{path} must hold the dVAE config as a mapping (n_hid: 256, ...)")
     try:
-        return _build(DVAEConfig, raw, "dvae.")
+        return build_dataclass(DVAEConfig, raw, "dvae.")
     except ConfigError as e:
         raise CommandError(f"{path}: {e}") from None
 

@@ -104,7 +104,7 @@ def transformer_flops_per_sample(cfg: TransformerConfig) -> float:
     2 x head_dim x heads FLOPs each per (query, key) pair the layer's mask keeps, so sparse layers
     count only their allowed pairs (the masks module gives the exact count). Backward = 2 x forward.
     """
-    from megadalle.transformer.masks import MaskGeometry, mask_set
+    from megadalle.transformer.masks import MaskGeometry, layer_types, mask_set
 
     L = cfg.seq_len
     d, hidden = cfg.dim, cfg.mlp_ratio * cfg.dim
@@ -114,7 +114,7 @@ def transformer_flops_per_sample(cfg: TransformerConfig) -> float:
     head_flops = 2 * d * (cfg.text_len * cfg.text_vocab_size + cfg.image_len * cfg.image_vocab_size)
     g = MaskGeometry.from_config(cfg)
     attn = 0.0
-    for kind in cfg.layer_types():
+    for kind in layer_types(cfg):
         kept = mask_set(g, kind, L).density()["elements"]
         attn += 2 * 2 * cfg.heads * cfg.head_dim * kept
     forward = 2 * per_layer_weights * L * cfg.depth + head_flops + attn

@@ -48,6 +48,28 @@ from megadalle.ops.layout import BlockLayout
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
+def dalle_attention_schedule(depth: int) -> list[str]:
+    """The paper's per-layer schedule (section 2.2, fig. 11): layer i (1-based) is "conv" in the
+    last layer, "column" where (i - 2) % 4 == 0, "row" otherwise."""
+    types = []
+    for i in range(1, depth + 1):
+        if i == depth:
+            types.append("conv")
+        elif (i - 2) % 4 == 0:
+            types.append("column")
+        else:
+            types.append("row")
+    return types
+
+
+def layer_types(cfg: TransformerConfig) -> list[str]:
+    """The attention type of each layer: the paper's schedule, or the configured list (repeated)."""
+    if cfg.attention_schedule == "dalle":
+        return dalle_attention_schedule(cfg.depth)
+    parts = [p.strip() for p in cfg.attention_schedule.split(",") if p.strip()]
+    return [parts[i % len(parts)] for i in range(cfg.depth)]
+
+
 @dataclass(frozen=True)
 class MaskGeometry:
     """Everything a mask depends on (hashable, so masks can be cached per geometry)."""

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from megadalle.config import TransformerConfig
 from megadalle.transformer.attention import attention
-from megadalle.transformer.masks import MaskGeometry, mask_set
+from megadalle.transformer.masks import MaskGeometry, layer_types, mask_set
 
 ResblockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -124,7 +124,7 @@ class DALLETransformer(nn.Module):
         self.image_embed = nn.Embedding(cfg.image_vocab_size, d)
         self.row_embed = nn.Parameter(torch.zeros(cfg.image_grid, d))
         self.col_embed = nn.Parameter(torch.zeros(cfg.image_grid, d))
-        self.layer_types = cfg.layer_types()
+        self.layer_types = layer_types(cfg)
         blocks: list[nn.Module] = []
         for kind in self.layer_types:
             blocks += [AttentionBlock(cfg, kind, self.geometry), MLPBlock(cfg)]

@@ -1,39 +1,25 @@
-"""One typed configuration for every megadalle command.
+"""The typed sections of the configuration, and `Config`, which holds one of each.
 
-Precedence is CLI > YAML file > preset > defaults. Each section is a dataclass validated in
-``__post_init__`` with messages that say what to change; cross-section rules live in
-``Config.__post_init__``. Defaults are the paper's hyper-parameters (Ramesh et al. 2021, "Zero-Shot Text-to-Image
-Generation", sections 2.1-2.5 and appendices A, B, D, E; each section below names where its
-numbers come from, and says so where the paper is silent and we chose) with the model sizes of the ``small`` preset, so that a bare ``Config()`` never allocates a 12B model.
-
-The resolved config is written into every run folder and every checkpoint (``to_dict`` /
-``save``), and ``Config.from_dict`` rebuilds it exactly.
+Each section validates itself in `__post_init__` with a message that says what to change;
+cross-section rules live in `Config.__post_init__`. Defaults are the paper's (Ramesh et al.
+2021); each field says where its number comes from where that is not obvious.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from megadalle.errors import ConfigError  # noqa: F401 - re-exported: config errors are raised from here
-
-
+from megadalle.config.coerce import build_dataclass, read_yaml, set_dotted
+from megadalle.errors import ConfigError
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
-
-
-# --------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -178,21 +164,9 @@ class DVAEConfig:
                "did not help); leave it false")
 
 
-# The paper's per-layer schedule: layer i (1-based) is "conv" in the last layer, "column" where
-# (i - 2) % 4 == 0, "row" otherwise.
+# The attention types a layer may have (transformer/masks.py defines each and the paper's
+# per-layer schedule).
 ATTENTION_TYPES = ("row", "column", "conv", "full")
-
-
-def dalle_attention_schedule(depth: int) -> list[str]:
-    types = []
-    for i in range(1, depth + 1):
-        if i == depth:
-            types.append("conv")
-        elif (i - 2) % 4 == 0:
-            types.append("column")
-        else:
-            types.append("row")
-    return types
 
 
 @dataclass
@@ -237,11 +211,6 @@ class TransformerConfig:
     def seq_len(self) -> int:
         return self.text_len + self.image_len
 
-    def layer_types(self) -> list[str]:
-        if self.attention_schedule == "dalle":
-            return dalle_attention_schedule(self.depth)
-        parts = [p.strip() for p in self.attention_schedule.split(",") if p.strip()]
-        return [parts[i % len(parts)] for i in range(self.depth)]
 
     def __post_init__(self) -> None:
         _check(self.dim == self.heads * self.head_dim,
@@ -263,7 +232,8 @@ class TransformerConfig:
         _check(self.image_grid >= 1 and self.text_len >= 1,
                "transformer.image_grid and transformer.text_len must be >= 1")
         if self.attention_schedule != "dalle":
-            bad = [t for t in self.layer_types() if t not in ATTENTION_TYPES]
+            parts = [t.strip() for t in self.attention_schedule.split(",") if t.strip()]
+            bad = [t for t in parts if t not in ATTENTION_TYPES] if parts else ["(none)"]
             _check(not bad, f"transformer.attention_schedule has unknown types {bad}; "
                             f"use 'dalle' or a comma list of {ATTENTION_TYPES}")
 
@@ -437,6 +407,20 @@ class PowerSGDConfig:
         _check(0 < self.orth_eps < 1, "distributed.powersgd.orth_eps must be in (0, 1); the paper uses 1e-6")
 
 
+def powersgd_refusal(zero_stage: int, precision_mode: str) -> str:
+    """Why PowerSGD cannot run with this ZeRO stage and precision ("" when it can)."""
+    if zero_stage not in (0, 1):
+        return (f"distributed.powersgd.enabled=true works with distributed.zero_stage 0 or 1, not {zero_stage}: "
+                f"ZeRO-2/3 reduce each gradient inside DeepSpeed's backward hooks over all ranks, which would "
+                f"send it uncompressed between machines. Set --distributed.zero_stage=1 (optimizer states stay "
+                f"partitioned) or --distributed.powersgd.enabled=false")
+    if precision_mode == "fp16":
+        return ("distributed.powersgd.enabled=true does not work with precision.mode=fp16: DeepSpeed's global "
+                "loss scaler would never learn about the steps the exchange skips. Use precision.mode=bf16, "
+                "fp32 or fp16_per_resblock")
+    return ""
+
+
 @dataclass
 class DistributedConfig:
     zero_stage: int = 0
@@ -535,6 +519,10 @@ class Config:
                f"transformer.text_len={t.text_len} must equal tokenizer.text_len={self.tokenizer.text_len}")
         _check(self.data.image_size == d.image_size,
                f"data.image_size={self.data.image_size} must equal dvae.image_size={d.image_size}")
+        # Static compatibility rules are refused here, before DeepSpeed starts.
+        if self.distributed.powersgd.enabled:
+            problem = powersgd_refusal(self.distributed.zero_stage, self.precision.mode)
+            _check(not problem, problem)
 
     # ---- serialisation ----
     def to_dict(self) -> dict[str, Any]:
@@ -553,7 +541,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        return _build(cls, d, "")
+        return build_dataclass(cls, d, "")
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
@@ -563,212 +551,8 @@ class Config:
         """A copy with dotted overrides applied and everything validated again."""
         d = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(d, key.replace("__", "."), value, Config)
+            set_dotted(d, key.replace("__", "."), value, Config)
         return Config.from_dict(d)
 
 
-# --------------------------------------------------------------------------------------------
-# Presets: nested dicts over the defaults
-# --------------------------------------------------------------------------------------------
-
-
-def _transformer_preset(dim: int, depth: int, heads: int) -> dict[str, Any]:
-    return {"transformer": {"dim": dim, "depth": depth, "heads": heads, "head_dim": dim // heads}}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU demo: 48 px shapes -> 12x12 tokens from a 512-code dVAE, short captions, 4 layers.
-    "tiny": {
-        # No stage-1 augmentation: its zoom (up to 1.5x, bicubic) shows the dVAE larger, blurred
-        # objects than the un-augmented images it encodes for stage 2 and is checked on.
-        "data": {"image_size": 48, "shuffle_buffer": 256, "augment": "none"},
-        # No BPE dropout (the paper: 0.1): captions of ~30 distinct words and ~1k updates leave
-        # nothing for it to regularise, and the demo's transformer trained without it matched
-        # its caption in 85% of seen and 34% of held-out samples instead of 71% and 22%
-        # (same tokens, same budget; README, "The demo").
-        "tokenizer": {"vocab_size": 512, "text_len": 32, "min_frequency": 1, "bpe_dropout": 0.0},
-        # dVAE tuned for a few CPU minutes (measured, see README): one block per group (~2.7x the
-        # steps/s of two at half the batch); the KL weight from the start and a slow temperature
-        # anneal, because short runs otherwise collapse onto one code (the paper's 5k-update beta
-        # warm-up assumes millions of updates); EMA 0.99 so the export is not mostly init. The
-        # Gaussian reconstruction term and an output starting at the white background: with the
-        # paper's logit-Laplace and zero bias, 1000 updates keep the facts of 0-3% of held-out
-        # images (colours lost), with these ~50%. 48 px with three groups (4x4-pixel patches, 12x12
-        # tokens) rather than 64 px with four (8x8 patches): the 8x8 patches come back with the
-        # shapes rounded off (~50% of facts kept), the 4x4 ones keep ~95% after 2000 updates.
-        "dvae": {"image_size": 48, "group_count": 3, "n_hid": 32, "n_init": 32, "vocab_size": 512,
-                 "n_blk_per_group": 1,
-                 "kl_warmup_fraction": 0.0, "temperature_anneal_fraction": 0.8, "lr_anneal_fraction": 1.0,
-                 "reconstruction_loss": "gaussian", "init_pixel_value": 1.0},
-        "transformer": {"dim": 128, "depth": 4, "heads": 4, "head_dim": 32, "text_vocab_size": 512,
-                        "text_len": 32, "image_vocab_size": 512, "image_grid": 12, "conv_kernel": 5,
-                        "block_size": 16},
-        "clip": {"dim": 128, "embed_dim": 64, "text_depth": 2, "heads": 4, "image_channels": 32},
-        "dvae_train": {"steps": 2000, "micro_batch_size": 16, "log_every": 50, "ema_decay": 0.99,
-                       "optimizer": {"lr": 1e-3}, "schedule": {"min_lr": 1e-5}},
-        # Warm-up then constant, with no evaluations: ~1k updates on the demo's data never
-        # reach a plateau the paper's halving rule would act on, and evaluating costs demo time.
-        "train": {"steps": 2000, "micro_batch_size": 32, "log_every": 50, "eval_every": 0,
-                  "optimizer": {"lr": 1e-3}, "schedule": {"kind": "constant", "warmup_steps": 100}},
-        "clip_train": {"steps": 600, "micro_batch_size": 64},
-        "precision": {"mode": "fp32"},
-        "checkpoint": {"every_steps": 500},
-        "sampling": {"n": 16, "top": 4},
-    },
-    # The paper's token geometry (256 text + 32x32 image) at a size a single GPU trains.
-    "small": {**_transformer_preset(512, 12, 8)},
-    # Not given by the paper; GPT-3-like shapes with head size 64 and the 64-layer-style
-    # schedule, sized to the names.
-    "1.3b": {**_transformer_preset(2048, 24, 32)},
-    "2.8b": {**_transformer_preset(2560, 32, 40)},
-    "5.6b": {**_transformer_preset(3072, 48, 48)},
-    # The paper: 64 layers, 62 heads of 64, d_model 3968.
-    # ZeRO-3 because `megadalle plan` shows only full sharding fits a 16 GB V100 (3.65 GiB per
-    # GPU; ZeRO-2 keeps every 16-bit weight on every GPU: 26.2 GiB). PowerSGD combines with
-    # ZeRO 0/1 only, so it is off here; rank 896 is kept for runs that turn it on at ZeRO-1.
-    "12b": {**_transformer_preset(3968, 64, 62), "precision": {"mode": "fp16_per_resblock"},
-            "distributed": {"zero_stage": 3, "activation_checkpointing": True,
-                            "powersgd": {"enabled": False, "rank": 896}},
-            "train": {"steps": 430_000, "micro_batch_size": 1}},
-}
-# The full-size presets keep the default (paper) geometry: 256 px -> 32x32 tokens from the
-# 8192-code dVAE, 256 text tokens from a 16384-token BPE.
-
-
-# --------------------------------------------------------------------------------------------
-# Loading: defaults <- preset <- file <- CLI
-# --------------------------------------------------------------------------------------------
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
-    return data
-
-
-def load_config(preset: str | None = None, file: str | Path | None = None,
-                overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Resolve a config: defaults, then `preset`, then `file`, then `overrides`.
-
-    `overrides` is a list of "section.key=value" strings (values parsed as YAML) or a dict of
-    dotted keys. A preset named in the file applies unless `preset` is given explicitly.
-    """
-    d = Config().to_dict()
-    file_d = read_yaml(file) if file else {}
-    preset = preset or file_d.get("preset") or ""
-    if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        _merge(d, PRESETS[preset], Config, "")
-        d["preset"] = preset
-    _merge(d, {k: v for k, v in file_d.items() if k != "preset"}, Config, "")
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
-    for key, value in items:
-        _set_dotted(d, key, value, Config)
-    return Config.from_dict(d)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    s = text[2:] if text.startswith("--") else text
-    if "=" not in s:
-        raise ConfigError(f"override {text!r} must look like --section.key=value")
-    key, raw = s.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _merge(dst: dict[str, Any], src: dict[str, Any], cls: type, prefix: str) -> None:
-    types = _field_types(cls)
-    for key, value in src.items():
-        name = f"{prefix}{key}"
-        if key not in types:
-            raise ConfigError(f"unknown config key {name!r}; known keys here: {', '.join(types)}")
-        sub = types[key]
-        if dataclasses.is_dataclass(sub):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{name} is a section; give it a mapping, not {value!r}")
-            _merge(dst[key], value, sub, name + ".")
-        else:
-            dst[key] = copy.deepcopy(value)
-
-
-def _set_dotted(d: dict[str, Any], key: str, value: Any, cls: type) -> None:
-    parts = key.split(".")
-    nested: Any = value
-    for p in reversed(parts):
-        nested = {p: nested}
-    _merge(d, nested, cls, "")
-
-
-def _coerce(value: Any, typ: Any, name: str) -> Any:
-    origin = typing.get_origin(typ)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return int(f)
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if typ is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return "" if value is None else str(value)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        (inner, *_) = typing.get_args(typ) or (Any,)
-        return type(value)(_coerce(v, inner, name) for v in value) if inner is not Any else value
-    return value
-
-
-def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
-    types = _field_types(cls)
-    unknown = set(d) - set(types)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(prefix + u for u in unknown)}; "
-                          f"known keys here: {', '.join(types)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        typ = types[f.name]
-        name = prefix + f.name
-        if dataclasses.is_dataclass(typ):
-            kwargs[f.name] = _build(typ, d[f.name], name + ".")
-        else:
-            kwargs[f.name] = _coerce(d[f.name], typ, name)
-    return cls(**kwargs)
+__all__ = ["ShapesConfig", "DataConfig", "TokenizerConfig", "DVAEConfig", "ATTENTION_TYPES", "TransformerConfig", "ClipConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig", "PrecisionConfig", "PowerSGDConfig", "DistributedConfig", "CheckpointConfig", "LoggingConfig", "SamplingConfig", "Config", "powersgd_refusal"]
