@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megadalle"
 
 # Lower numbers are further down; a module may import its own layer or lower ones.
 LAYER = {
-    "errors": 0, "config": 0, "safe_load": 0, "__init__": 0,
+    "errors": 0, "config": 0, "safe_load": 0, "run_layout": 0, "__init__": 0,
     "ops": 1,
     "distributed": 2, "data": 2, "dvae": 2, "transformer": 2, "clip": 2, "eval": 2,
     "training": 3, "generate": 3, "tools": 3,
@@ -107,3 +107,14 @@ def test_every_command_is_a_thin_module_in_commands():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
         assert {"add_arguments", "run"} <= functions, (name, functions)
+
+
+def test_the_run_folder_layout_is_spelled_out_once():
+    """Paths inside a run folder come from megadalle/run_layout.py, nowhere else."""
+    import re
+
+    spelled = re.compile(r'/ "(tokens|dvae|clip|transformer|samples|eval)"\b|"tokenizer\.json"|"data" / "shapes"')
+    bad = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in PACKAGE.rglob("*.py") if p.name != "run_layout.py"
+           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+           if spelled.search(line) and not line.lstrip().startswith("#")]
+    assert not bad, bad

@@ -24,6 +24,7 @@ from typing import Callable
 
 from megadalle.errors import CommandError
 from megadalle.config import Config, load_config
+from megadalle.run_layout import RunLayout
 
 # The full demo's budget on top of the tiny preset: what fits in 15 minutes on a 2-core CPU
 # (README, "The demo", has the measured stage times). The dVAE uses the tiny preset's recipe
@@ -112,7 +113,7 @@ def _shapes_done(cfg: Config, run_dir: Path) -> bool:
         n = split_count(sc, split)
         if n == 0 or (split == "heldout" and sc.heldout_fraction == 0):
             continue
-        d = run_dir / "data" / "shapes" / split
+        d = RunLayout(run_dir).shapes(split)
         m = read_manifest(d)
         if not m or m.get("n") != n or m.get("image_size") != shapes_image_size(cfg) \
                 or not all((d / s).is_file() for s in m.get("shards", [])):
@@ -155,7 +156,8 @@ def build_stages(cfg: Config, run_dir: Path, cfg_file: Path, quick: bool, env: d
     c = ["--config", str(cfg_file)]
     ev = QUICK_EVAL_SET if quick else EVAL_SET
     captions_file = run_dir / "demo-captions.txt"
-    samples, evaluation = run_dir / "samples", run_dir / "eval"
+    run = RunLayout(run_dir)
+    samples, evaluation = run.samples, run.eval
 
     def build_data() -> None:
         ensure_shapes_shards(cfg, run_dir, progress=True)
@@ -171,18 +173,17 @@ def build_stages(cfg: Config, run_dir: Path, cfg_file: Path, quick: bool, env: d
 
     return [
         Stage("data", "render the shapes data set into shards", build_data, lambda: _shapes_done(cfg, run_dir),
-              [run_dir / "data" / "shapes"]),
+              [run.shapes()]),
         Stage("tokenizer", "train the caption BPE", _command(["tokenizer", "train", *c], env, "tokenizer"),
-              _all_exist(run_dir / "tokenizer.json"), [run_dir / "tokenizer.json"]),
+              _all_exist(run.tokenizer), [run.tokenizer]),
         Stage("dvae", "train the discrete VAE (stage 1)", _command(["train-dvae", *c], env, "dvae"),
-              _all_exist(run_dir / "dvae" / "dvae.safetensors", run_dir / "dvae" / "dvae.yaml"), [run_dir / "dvae"]),
+              _all_exist(*run.export("dvae")), [run.dvae]),
         Stage("encode", "encode the train and val images into dVAE tokens", encode,
-              lambda: all(_tokens_done(run_dir / "tokens" / s) for s in ("train", "val")), [run_dir / "tokens"]),
+              lambda: all(_tokens_done(run.tokens(s)) for s in ("train", "val")), [run.tokens("train").parent]),
         Stage("transformer", "train the transformer (stage 2)", _command(["train", *c], env, "transformer"),
-              _all_exist(run_dir / "transformer" / "transformer.safetensors",
-                         run_dir / "transformer" / "transformer.yaml"), [run_dir / "transformer"]),
+              _all_exist(*run.export("transformer")), [run.transformer]),
         Stage("reranker", "train the contrastive reranker", _command(["train-clip", *c], env, "reranker"),
-              _all_exist(run_dir / "clip" / "clip.safetensors", run_dir / "clip" / "clip.yaml"), [run_dir / "clip"]),
+              _all_exist(*run.export("clip")), [run.clip]),
         Stage("sample", "sample, rerank and grid a handful of captions", sample,
               _all_exist(samples / "samples.json"), [samples / "grid.png"]),
         Stage("eval", "score a caption set (seen / held-out)",
@@ -284,7 +285,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     summary = {"run_dir": str(run_dir), "quick": args.quick, "stages": rows, "total": total,
                "load_average_1min_at_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
                "threads_per_stage": int(threads)}
-    scores = run_dir / "eval" / "eval.json"
+    scores = RunLayout(run_dir).eval / "eval.json"
     if scores.is_file():
         rep = json.loads(scores.read_text())
         single = rep.get("best_of_n", {}).get("single_object", {})
@@ -296,7 +297,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _print_summary(run_dir: Path, stages: list[Stage], rows: list[dict], total: dict, summary: dict) -> None:
-    report = run_dir / "eval" / "eval.txt"
+    report = RunLayout(run_dir).eval / "eval.txt"
     if report.is_file():
         print("\n" + report.read_text().rstrip())
     print("\n=== megadalle demo: summary ===")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from megadalle.config import Config
+from megadalle.run_layout import RunLayout
 from megadalle.distributed.launch import discover
 from megadalle.dvae.encode import encode_source
 
@@ -26,15 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     env = discover()
-    run_dir = Path(cfg.logging.run_dir)
+    layout = RunLayout(Path(cfg.logging.run_dir))  # the run's own tokens/, not data.token_source
     if args.input:
         source = args.input
     else:
         from megadalle.data.loader import resolve_image_source
 
         source = resolve_image_source(cfg, args.split)
-    out = args.out or str(run_dir / "tokens" / args.split)
-    dvae = args.dvae or str(run_dir / "dvae")
+    out = args.out or str(layout.tokens(args.split))
+    dvae = args.dvae or str(layout.dvae)
     device = args.device
     if device == "cuda" and env.local_world_size > 1:
         device = f"cuda:{env.local_rank}"  # one GPU per rank on a node

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from megadalle.run_layout import RunLayout
 from megadalle.errors import CommandError
 from megadalle.config import Config
 from megadalle.eval.summary import Judgement, format_summary, summarise
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         if min(args.seen, args.heldout, args.pairs) < 0 or args.seen + args.heldout + args.pairs == 0:
             raise CommandError("--seen, --heldout and --pairs must be >= 0 and not all 0")
         captions = [c for c, _ in eval_captions(run_cfg, args.seen, args.heldout, args.pairs)]
-    out = Path(args.out) if args.out else loaded.paths.run_dir / "eval"
+    out = Path(args.out) if args.out else RunLayout(loaded.paths.run_dir).eval
     results = generate_all(loaded, captions, sampling, desc="eval samples")
 
     report: dict[str, Any] = {"n_captions": len(captions), "n_per_caption": sampling.n,

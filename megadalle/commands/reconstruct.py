@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from megadalle.config import Config
+from megadalle.run_layout import RunLayout
 from megadalle.dvae.reconstruct import reconstruct_files
 
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    dvae_dir = args.dvae or str(Path(cfg.logging.run_dir) / "dvae")
+    dvae_dir = args.dvae or str(RunLayout.from_config(cfg).dvae)
     results = reconstruct_files(args.images, dvae_dir, args.out, args.device)
     for path, db in results:
         print(f"  {path}  (PSNR {db:.1f} dB)")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from megadalle.run_layout import RunLayout
 from megadalle.errors import CommandError
 from megadalle.config import Config, ConfigError, SamplingConfig
 from megadalle.generate.load import (RunPaths, check_compatible, load_run_config, load_tokenizer, load_transformer,
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     sampling = sampling_config(args, cfg)
     loaded = load_models(args, cfg, sampling)
     prefix = image_prompt_prefix(loaded, args.image_prompt, args.prompt_rows)
-    out = Path(args.out) if args.out else loaded.paths.run_dir / "samples"
+    out = Path(args.out) if args.out else RunLayout(loaded.paths.run_dir).samples
     results = generate_all(loaded, captions, sampling, prefix)
     settings = sampling_settings(sampling, ckpt=str(loaded.paths.transformer), dvae=str(loaded.paths.dvae),
                                  tokenizer=str(loaded.paths.tokenizer), reranker=loaded.reranker,

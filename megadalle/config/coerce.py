@@ -15,18 +15,22 @@ import yaml
 from megadalle.errors import ConfigError
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file", expect: str = "a mapping of sections",
+              empty_ok: bool = True) -> dict[str, Any]:
+    """The mapping a YAML file holds (safe_load: no tags that build objects); ConfigError naming
+    `what` and the file when it is missing, not YAML, or not a mapping (`expect` says what it should
+    hold)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if data is None:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+    if data is None and empty_ok:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold {expect}, not {type(data).__name__}")
     return data
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Iterator
 
 from megadalle.config import Config
+from megadalle.run_layout import RunLayout
 
 
 def default_path(cfg: Config) -> Path:
-    return Path(cfg.tokenizer.path or Path(cfg.logging.run_dir) / "tokenizer.json")
+    return RunLayout.from_config(cfg).tokenizer
 
 
 def shapes_captions(cfg: Config, limit: int = 0) -> Iterator[str]:

@@ -500,13 +500,10 @@ def token_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *,
                              rank: int | None = None, world_size: int | None = None,
                              run_dir: str | Path | None = None) -> ResumableLoader:
     """Token batches for a run: `data.token_source`, or <run_dir>/tokens/<split>."""
+    from megadalle.run_layout import RunLayout
+
     d = cfg.data
-    if d.token_source:
-        # A folder with train/ and val/ inside, or the shards themselves (then used for every split).
-        split_dir = Path(d.token_source) / split
-        source = str(split_dir) if split_dir.is_dir() else d.token_source
-    else:
-        source = str(Path(run_dir or cfg.logging.run_dir) / "tokens" / split)
+    source = str(RunLayout.from_config(cfg, run_dir).tokens(split))
     return token_loader(source, batch_size, codes_len=cfg.transformer.image_len, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer if split == "train" else 0, endless=endless,
                         num_workers=d.num_workers, rank=rank, world_size=world_size,

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
+from megadalle.run_layout import RunLayout
 from megadalle.data.shapes import SPLITS, ShapesDataset, describe_split
 from megadalle.data.shards import ShardWriter, read_manifest, write_manifest
 
@@ -81,7 +82,7 @@ def ensure_shapes_shards(cfg: Any, run_dir: str | Path, splits: Iterable[str] = 
     """
     sc = cfg.data.shapes
     size = shapes_image_size(cfg)
-    root = Path(run_dir) / "data" / "shapes"
+    root = RunLayout(Path(run_dir)).shapes()
     out: dict[str, Path] = {}
     for split in splits:
         n = split_count(sc, split)

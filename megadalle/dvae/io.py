@@ -15,7 +15,7 @@ import yaml
 
 from megadalle.errors import CommandError
 from megadalle.config import ConfigError, DVAEConfig
-from megadalle.config.coerce import build_dataclass
+from megadalle.config.coerce import build_dataclass, read_yaml
 from megadalle.dvae.model import DiscreteVAE
 
 WEIGHTS = "dvae.safetensors"
@@ -53,11 +53,9 @@ def load_dvae_config(dvae_dir: str | Path) -> DVAEConfig:
         raise CommandError(f"{d} has no {CONFIG}; a dVAE folder holds {WEIGHTS} and {CONFIG} "
                            f"(written by `megadalle train-dvae` or `megadalle convert openai-dvae`)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CommandError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise CommandError(f"{path} must hold the dVAE config as a mapping (n_hid: 256, ...)")
+        raw = read_yaml(path, "dVAE config", "the dVAE config as a mapping (n_hid: 256, ...)", empty_ok=False)
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
     try:
         return build_dataclass(DVAEConfig, raw, "dvae.")
     except ConfigError as e:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megadalle.run_layout import RunLayout
 from megadalle.errors import CommandError
 from megadalle.config import Config, ConfigError
 
@@ -49,11 +50,12 @@ def resolve_paths(ckpt: str | Path, dvae: str | None = None, tokenizer: str | No
         raise CommandError(f"no trained transformer under {p}: expected {p}/{TRANSFORMER_EXPORT}/"
                            f"{TRANSFORMER_EXPORT}.safetensors (the EMA export `megadalle train` writes at the end); "
                            f"train one first or point --ckpt at the run folder")
-    clip_dir = Path(clip) if clip else (run_dir / "clip" if (run_dir / "clip" / "clip.safetensors").is_file() else None)
+    layout = RunLayout(run_dir)
+    clip_dir = Path(clip) if clip else (layout.clip if layout.export("clip")[0].is_file() else None)
     if clip and not Path(clip).exists():
         raise CommandError(f"--clip {clip} does not exist")
-    return RunPaths(run_dir, tdir, Path(dvae) if dvae else run_dir / "dvae",
-                    Path(tokenizer) if tokenizer else run_dir / "tokenizer.json", clip_dir)
+    return RunPaths(run_dir, tdir, Path(dvae) if dvae else layout.dvae,
+                    Path(tokenizer) if tokenizer else layout.tokenizer, clip_dir)
 
 
 def load_tokenizer(cfg: Config, path: str | Path | None = None) -> Any:
@@ -61,7 +63,7 @@ def load_tokenizer(cfg: Config, path: str | Path | None = None) -> Any:
     the config's vocabulary size and text length."""
     from megadalle.data.tokenizer import TextTokenizer, TokenizerFileError
 
-    p = path or cfg.tokenizer.path or Path(cfg.logging.run_dir) / "tokenizer.json"
+    p = path or RunLayout.from_config(cfg).tokenizer
     try:
         return TextTokenizer.load_for(cfg.tokenizer, p)
     except TokenizerFileError as e:

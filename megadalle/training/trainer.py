@@ -53,6 +53,7 @@ from torch import nn
 from megadalle.config import Config, ConfigError, TrainConfig
 from megadalle.errors import CommandError
 from megadalle.distributed import engine as dist
+from megadalle.run_layout import RunLayout
 from megadalle.distributed.watchdog import TrainingGuard
 from megadalle.training.checkpoint import (TRAINER_STATE, CheckpointError, CheckpointManager, load_torch, rng_state,
                                            set_rng_state)
@@ -97,7 +98,8 @@ class Trainer:
         self.section = section
         self.tcfg: TrainConfig = getattr(cfg, section)
         self.stage = stage
-        self.folder = Path(cfg.logging.run_dir) / stage
+        self.layout = RunLayout.from_config(cfg)
+        self.folder = self.layout.stage(stage)
         self.deepspeed_config = deepspeed_config
         self.gradient_hook = gradient_hook
         self.step = 0  # completed loop steps (applied or skipped)

@@ -138,16 +138,12 @@ class TransformerTrainer(Trainer):
 
     # ---- data ----
     def _token_source(self, split: str) -> Path:
-        d = self.cfg.data
-        if d.token_source:
-            split_dir = Path(d.token_source) / split
-            return split_dir if split_dir.is_dir() else Path(d.token_source)
-        return Path(self.cfg.logging.run_dir) / "tokens" / split
+        return self.layout.tokens(split)
 
     def _load_tokenizer(self) -> Any:
         from megadalle.data.tokenizer import TextTokenizer, TokenizerFileError
 
-        path = self.cfg.tokenizer.path or str(Path(self.cfg.logging.run_dir) / "tokenizer.json")
+        path = str(self.layout.tokenizer)
         try:
             return TextTokenizer.load_for(self.cfg.tokenizer, path)
         except TokenizerFileError as e:
@@ -222,7 +218,7 @@ class TransformerTrainer(Trainer):
         model = self.ema_model()  # every rank: gathering is collective when EMA is off
         if not self.is_main:
             return []
-        dvae_dir = Path(self.cfg.logging.run_dir) / "dvae"
+        dvae_dir = self.layout.dvae
         if self.tcfg.synthetic_data or not (dvae_dir / "dvae.safetensors").is_file():
             if not getattr(self, "_warned_samples", False):
                 self.metrics.printer(f"sample grids skipped: they need captions and a dVAE at {dvae_dir}")
