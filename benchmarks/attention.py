@@ -8,7 +8,10 @@ densities and the time of forward and forward+backward for every backend that ru
                  this torch has no FlexAttention backward on CPU)
     blocksparse  megadalle.ops.block_sparse_attention, when that module exists
 
-    python benchmarks/attention.py [--batch 1 --heads 2 --repeats 3 --out FILE.json]
+    python benchmarks/attention.py [--batch 1 --heads 2 --repeats 3]
+
+Writes benchmarks/results/attention.json on CPU, attention_cuda.json on a GPU (see
+benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import out_path, unless  # noqa: E402
 from megadalle.config import ATTENTION_TYPES, load_config  # noqa: E402
 from megadalle.transformer.attention import attention, block_sparse_available  # noqa: E402
 from megadalle.transformer.masks import MaskGeometry, mask_set  # noqa: E402
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the machine is shared)")
-    ap.add_argument("--out", default="benchmarks/results/attention.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/attention[_cuda].json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells += f"{t['forward'] * 1e3:14.2f} ms" + (f"{fb * 1e3:18.2f} ms" if fb is not None else f"{'n/a':>21s}")
             print(f"{kind:8s} {name:7s} {row['of_causal']:14.3f} {row['image_of_causal']:13.3f} "
                   f"{row['layout_block_density']:9.3f}{cells}")
-    out = Path(args.out)
+    out = out_path(args.out, "attention", unless(device.type, "cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")

@@ -16,13 +16,16 @@ Column layers run on the transposed grid, as in the model (the mask the kernel s
 Speed-ups are ratios of times measured in this run: `x_vs_flex` = flex / kernel,
 `x_vs_sdpa` = sdpa / kernel (> 1: the kernel is faster).
 
-    python benchmarks/blocksparse.py [--preset paper,tiny] [--dtype bf16] [--out FILE.json]
+    python benchmarks/blocksparse.py [--preset paper,tiny] [--dtype bf16]
+
+Writes benchmarks/results/blocksparse_<dtype>.json (blocksparse_fp32.json on CPU by default); a
+subset of --preset or a GPU add their value to the name (blocksparse_bf16_cuda.json; see
+benchmarks/_results.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,7 +37,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import listed, out_path, write_result  # noqa: E402
 from megadalle.config import load_config  # noqa: E402
 from megadalle.ops import block_sparse_attention as bsa  # noqa: E402
 from megadalle.transformer.masks import MaskGeometry, mask_set  # noqa: E402
@@ -124,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the machine is shared)")
-    ap.add_argument("--out", default="benchmarks/results/blocksparse.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/blocksparse_<dtype>[_<config>].json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    dtype_name = args.dtype or ("bf16" if cuda else "fp32")
+    dtype = DTYPES[dtype_name]
     batch, heads = args.batch or (8 if cuda else 1), args.heads or (8 if cuda else 2)
     if not bsa.load_extension():
         print(f"note: the extension is not available ({bsa.extension_info()}); 'kernel' is the reference")
@@ -147,10 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         # The tiny preset is tiny: batch it like its training config would.
         b = batch if name == "paper" else max(batch, 8)
         result["shapes"][name] = bench_shape(name, g, head_dim, block_size, b, heads, dtype, args.repeats, device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    out = out_path(args.out, "blocksparse", listed(shapes, ("paper", "tiny")), dtype_name, "cuda" if cuda else None)
+    write_result(out, result, "blocksparse", sys.argv[1:] if argv is None else argv, args.threads)
     return 0
 
 

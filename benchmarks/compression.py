@@ -7,12 +7,16 @@ by side: inter-machine bytes per step (counted by megadalle.distributed.comm on 
 the compression rate measured and predicted by the paper's formula generalised to L GPUs per
 machine, step time and the loss curve; writes everything to JSON.
 
-    python benchmarks/compression.py --steps 120 --warmup 30 --shard-ranks 0 4
+    python benchmarks/compression.py [--steps 120 --warmup 30 --shard-ranks 0 4]
 
 `--shard-ranks 0 4`: the default (the paper's 896 scaled to d_model, split over the L GPUs of a
 machine: 29 -> 15 per shard at d_model 128 with L = 2) and 4 per shard (the paper's per-GPU
 split of 8, r/8, kept with 2 GPUs per machine: fewer bytes, a slower start); the uncompressed run
 is trained once and shared.
+
+Writes benchmarks/results/compression.json for the bare run (tiny widths, 2 machines x 2 ranks,
+--shard-ranks 0 4); another preset, topology or set of shard ranks adds its value to the name
+(compression_small_4x2_shard0.json; see benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import listed, out_path, unless  # noqa: E402
 from megadalle.config import load_config  # noqa: E402
 from megadalle.distributed.powersgd import (  # noqa: E402
     PAPER_GPUS_PER_NODE, default_rank, predicted_compression_rate)
 from megadalle.transformer.model import DALLETransformer  # noqa: E402
+
+
+DEFAULT_SHARD_RANKS = [0, 4]
 
 
 class TransformerLoss(nn.Module):
@@ -129,7 +138,10 @@ def worker(rank: int, args, port: int) -> None:
         if rank == 0:
             results.append(report(args, groups.machines, off, on))
     if rank == 0:
-        out = Path(args.out)
+        shards = listed(args.shard_ranks, DEFAULT_SHARD_RANKS)
+        out = out_path(args.out, "compression", unless(args.preset, "tiny"),
+                       unless(f"{args.world // args.gpus_per_node}x{args.gpus_per_node}", "2x2"),
+                       f"shard{shards}" if shards else None)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"command": " ".join(sys.argv), "runs": results}, indent=1))
         print(f"wrote {out}")
@@ -181,9 +193,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--beta2", type=float, default=0.96, help="the paper's transformer beta2")
     p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
-    p.add_argument("--shard-ranks", type=int, nargs="+", default=[0],
+    p.add_argument("--shard-ranks", type=int, nargs="+", default=DEFAULT_SHARD_RANKS,
                    help="PowerSGD rank per shard of each compressed run; 0: the default, ceil(rank / L)")
-    p.add_argument("--out", default="benchmarks/results/compression.json")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/compression[_<config>].json")
     args = p.parse_args()
     if args.world % args.gpus_per_node:
         p.error(f"--gpus-per-node {args.gpus_per_node} must divide --world {args.world}")

@@ -5,7 +5,9 @@ steps of the dVAE objective (Gumbel-softmax, logit-Laplace, KL) on random images
 warm-up step. The full preset is measured at batch 1 (on CPU a forward/backward of the 98M
 parameter model at 256 px already takes seconds). Prints both side by side and writes JSON.
 
-    python benchmarks/dvae.py [--out benchmarks/results/dvae.json] [--tiny-batch 32] [--steps 3]
+    python benchmarks/dvae.py [--tiny-batch 32] [--steps 3] [--device cuda]
+
+Writes benchmarks/results/dvae.json on CPU, dvae_<device>.json otherwise (see benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _child(preset: str, batch: int, steps: int, device: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dvae.json"))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/dvae[_<device>].json")
     p.add_argument("--tiny-batch", type=int, default=0, help="0: the tiny preset's dvae_train.micro_batch_size")
     p.add_argument("--full-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per preset (after one warm-up)")
@@ -94,6 +96,8 @@ def main() -> None:
         print(json.dumps(measure(a.one, a.batch, a.steps, a.device)))
         return
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _results import out_path, unless
     from megadalle.config import load_config
 
     tiny_batch = a.tiny_batch or load_config("tiny").dvae_train.micro_batch_size
@@ -112,7 +116,7 @@ def main() -> None:
     for name, f in rows:
         print(f"{name:34}{f(tiny):>24}{f(full):>24}")
     print(f"full / tiny time per image: {tiny['images_per_s'] / full['images_per_s']:.0f}x")
-    out = Path(a.out)
+    out = out_path(a.out, "dvae", unless(a.device, "cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "tiny": tiny, "full": full,
                                "full_over_tiny_seconds_per_image": tiny["images_per_s"] / full["images_per_s"]},

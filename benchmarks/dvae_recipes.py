@@ -8,7 +8,10 @@ share whose argmax-code reconstruction the shapes analyser reads as the same fac
 perplexity and PSNR. No DeepSpeed here: this compares objectives, not the training system
 (`megadalle train-dvae` gives the same figure for the tiny preset at the end of its run).
 
-    python benchmarks/dvae_recipes.py [--steps 1000] [--recipes paper,tiny] [--out benchmarks/results/dvae_recipes.json]
+    python benchmarks/dvae_recipes.py [--steps 1000] [--recipes paper,tiny]
+
+Writes benchmarks/results/dvae_recipes.json for the default recipes (the README's table); another
+set of recipes adds it to the name (dvae_recipes_paper+tiny.json; see benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _results import listed, out_path  # noqa: E402
 
 # name -> config overrides on top of the tiny preset.
 RECIPES: dict[str, dict[str, object]] = {
@@ -34,6 +41,8 @@ RECIPES: dict[str, dict[str, object]] = {
     "tiny_32px_8x8": {"data.image_size": 32, "dvae.image_size": 32, "dvae.group_count": 3,
                       "transformer.image_grid": 8},
 }
+# A bare run: the four the README's table compares (about 3-5 CPU minutes each).
+DEFAULT_RECIPES = ("paper", "gaussian_zero_bias", "tiny", "tiny_64px_8x8")
 
 
 def render(split: str, n: int, size: int):
@@ -97,9 +106,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--train-images", type=int, default=3000)
     p.add_argument("--check-images", type=int, default=200)
-    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of: {', '.join(RECIPES)}")
+    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma list of: {', '.join(RECIPES)}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dvae_recipes.json"))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/dvae_recipes[_<recipes>].json")
     a = p.parse_args()
     import torch
 
@@ -116,7 +125,7 @@ def main() -> None:
         f = r["final"]
         print(f"  {name:>20}: {f['facts_agree']:6.1%} ({r['best']:.1%})  perplexity {f['codebook_perplexity']:6.1f}  "
               f"PSNR {f['psnr']:5.1f} dB  {f['seconds']:6.0f} s")
-    out = Path(a.out)
+    out = out_path(a.out, "dvae_recipes", listed(names, DEFAULT_RECIPES))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch_threads": a.threads,
                                "steps": a.steps, "batch": a.batch, "results": results}, indent=2))

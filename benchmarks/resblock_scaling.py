@@ -6,7 +6,10 @@ resblock (megadalle.distributed.resblock_scaling). Prints tokens/s and the ratio
 and writes JSON. On CPU, fp16 matmuls are emulated and slow, so the meaningful figure is the
 ratio of the two fp16 modes (the extra work of per-block scaling), not fp16 vs bf16.
 
-    python benchmarks/resblock_scaling.py [--preset tiny] [--steps 10] [--batch 4] [--out FILE]
+    python benchmarks/resblock_scaling.py [--preset tiny] [--steps 10] [--batch 4]
+
+Writes benchmarks/results/resblock_scaling.json for the tiny preset on CPU; another preset or a GPU
+add their value to the name (resblock_scaling_small_cuda.json; see benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -75,8 +77,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default="benchmarks/results/resblock_scaling.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/resblock_scaling[_<config>].json")
     args = ap.parse_args()
+    from _results import out_path, unless  # benchmarks/ is on sys.path when this runs as a script
+
+    out = out_path(args.out, "resblock_scaling", unless(args.preset, "tiny"), unless(args.device, "cpu"))
     results = {m: run(m, args.preset, args.steps, args.batch, args.device)
                 for m in ("fp32", "bf16", "fp16", "fp16_per_resblock")}
     base = results["fp16"]["tokens_per_s"]
@@ -87,7 +92,6 @@ def main() -> None:
         print(f"{mode:<20}{r['tokens_per_s']:>12.1f}{r['tokens_per_s'] / base:>15.2f}x")
     overhead = 1 - results["fp16_per_resblock"]["tokens_per_s"] / base
     print(f"per-resblock scaling costs {overhead * 100:.1f}% of plain fp16 throughput")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"preset": args.preset, "batch": args.batch, "steps": args.steps, "machine": machine,
                                "results": results, "overhead_vs_fp16": overhead}, indent=2))

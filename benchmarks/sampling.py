@@ -10,13 +10,20 @@ image, and integrates the per-step time over all N steps (trapezoid rule) to est
 full-image time. It also runs the real uncached `generate` for the last --check-steps tokens
 (an image prefix given) and reports how far the estimate is from that measurement.
 
-    python benchmarks/sampling.py [--preset small --batch 2 --out FILE.json]
+The JSON lists under "estimated" every key whose value rests on the estimate (the uncached time
+and the speed-ups computed from it) and under "measured" the ones timed for real; with
+--full-uncached nothing is estimated.
+
+    python benchmarks/sampling.py [--preset small --batch 2]
+
+Writes benchmarks/results/sampling.json for the small preset on CPU with the estimate; another
+preset, a GPU or --full-uncached add their value to the name (sampling_tiny_full-uncached.json;
+see benchmarks/_results.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,7 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _results import out_path, unless, write_result  # noqa: E402
 from megadalle.config import load_config  # noqa: E402
 from megadalle.transformer.model import DALLETransformer, count_parameters  # noqa: E402
 from megadalle.transformer.sampling import generate  # noqa: E402
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uncached-points", type=int, default=5, help="stream lengths timed for the estimate")
     ap.add_argument("--check-steps", type=int, default=4, help="real uncached steps at the end of the image")
     ap.add_argument("--full-uncached", action="store_true", help="run the whole uncached generation for real")
-    ap.add_argument("--out", default="benchmarks/results/sampling.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/sampling[_<config>].json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         with _Timer() as t:
             generate(model, text, generator=torch.Generator(device=device).manual_seed(0), use_cache=False)
         result["uncached"] = {"seconds": t.wall, "cpu_seconds": t.cpu, "method": "measured: full uncached generation"}
+        result["estimated"] = []
+        result["measured"] = ["cached", "uncached", "speedup_wall", "speedup_cpu"]
         print(f"uncached: {t.wall:8.1f} s wall, {t.cpu:8.1f} s CPU (measured)")
     else:
         # Step j feeds j image tokens; time it at a few j and integrate over j = 0 .. N-1.
@@ -106,12 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         check = {"steps": args.check_steps, "measured_s": t.wall, "measured_cpu_s": t.cpu,
                  "estimated_s": args.check_steps * wall[points[-1]],
                  "estimated_cpu_s": args.check_steps * cpu[points[-1]]}
+        check["measured_over_estimated"] = check["measured_s"] / check["estimated_s"]
+        check["measured_over_estimated_cpu"] = check["measured_cpu_s"] / check["estimated_cpu_s"]
         result["uncached"] = {
             "seconds": integrate(wall), "cpu_seconds": integrate(cpu),
             "method": f"estimated: per-step time measured at {len(points)} stream lengths, integrated over "
                       f"{N} steps (trapezoid)",
             "per_step_s": {str(T + 1 + j): wall[j] for j in points},
             "per_step_cpu_s": {str(T + 1 + j): cpu[j] for j in points}, "check": check}
+        # Which figures are estimates: the uncached totals and everything computed from them.
+        result["estimated"] = ["uncached.seconds", "uncached.cpu_seconds", "uncached.tokens_per_s",
+                               "uncached.tokens_per_cpu_s", "speedup_wall", "speedup_cpu"]
+        result["measured"] = ["cached", "uncached.per_step_s", "uncached.per_step_cpu_s", "uncached.check"]
         print(f"uncached: {integrate(wall):8.1f} s wall, {integrate(cpu):8.1f} s CPU for {B} x {N} tokens "
               f"(estimated). Check: the real uncached generate of the last {args.check_steps} tokens took "
               f"{check['measured_cpu_s']:.1f} s CPU vs {check['estimated_cpu_s']:.1f} s from the per-step times")
@@ -124,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':10s}{'tokens/s (wall)':>17s}{'tokens/s (CPU)':>17s}")
     print(f"cached    {result['cached']['tokens_per_s']:17.2f}{result['cached']['tokens_per_cpu_s']:17.2f}")
     print(f"uncached  {u['tokens_per_s']:17.2f}{u['tokens_per_cpu_s']:17.2f}")
-    print(f"ratio     {result['speedup_wall']:16.1f}x{result['speedup_cpu']:16.1f}x  (target >= 10x)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"ratio     {result['speedup_wall']:16.1f}x{result['speedup_cpu']:16.1f}x  (target >= 10x)"
+          + ("; uncached time and ratios estimated" if result["estimated"] else "; measured"))
+    out = out_path(args.out, "sampling", unless(args.preset, "small"), unless(device.type, "cpu"),
+                   "full-uncached" if args.full_uncached else None)
+    write_result(out, result, "sampling", sys.argv[1:] if argv is None else argv, args.threads)
     return 0
 
 

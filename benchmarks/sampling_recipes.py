@@ -17,6 +17,10 @@ relative to the first row; writes JSON.
 A recipe is NAME:ARGS with the `megadalle eval` sampling arguments comma-separated. Without
 --recipe: best of 16 and 32 at temperature 1.0 and 0.9. A held-out caption set this small moves
 by several points from one seed to the next: compare rows within one run of this script.
+
+Writes benchmarks/results/sampling_recipes_<run folder name>.json; other recipes than the default
+and --clip-steps add their value to the name (sampling_recipes_demo_clip400+1200.json; see
+benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -78,8 +82,16 @@ def main() -> None:
                              "(default: the run's own reranker)")
     parser.add_argument("--seen", type=int, default=24)
     parser.add_argument("--heldout", type=int, default=36)
-    parser.add_argument("--out", default="benchmarks/results/sampling_recipes.json")
+    parser.add_argument("--out", default=None,
+                        help="default: benchmarks/results/sampling_recipes_<run>[_<recipes>][_clip<steps>].json")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _results import listed, out_path, slug
+
+    recipe_names = listed([r.partition(":")[0] for r in (args.recipe or DEFAULT_RECIPES)],
+                          [r.partition(":")[0] for r in DEFAULT_RECIPES])
+    out = out_path(args.out, "sampling_recipes", slug(args.run.resolve().name), recipe_names,
+                   "clip" + "+".join(map(str, args.clip_steps)) if args.clip_steps else None)
     if not (args.run / "transformer").is_dir():
         raise SystemExit(f"{args.run} holds no transformer/: give a run folder trained by megadalle demo or train")
     recipes = [parse_recipe(r) for r in (args.recipe or DEFAULT_RECIPES)]
@@ -110,7 +122,6 @@ def main() -> None:
         b, e = r["best_of_n"], r["every_sample"]
         print(f"{r['recipe']:<20}{b['all']:>10.0%}{b['seen']:>8.0%}{b['heldout']:>10.0%}{e['all']:>9.0%}"
               f"{e['seen']:>8.0%}{e['heldout']:>10.0%}{r['seconds'] / base:>7.2f}x")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"run": str(args.run), "seen": args.seen, "heldout": args.heldout,
                                "clip_steps": args.clip_steps,

@@ -1,12 +1,15 @@
 """Torch threads per demo stage: the tiny transformer trained with 1 thread vs all cores.
 
-`megadalle demo` gives each stage one thread per idle core (`megadalle.demo.stage_threads`). This
+`megadalle demo` gives each stage one thread per idle core (`megadalle.commands.demo.stage_threads`). This
 measures what that buys on this machine for the demo's longest stage: each configuration is a real
 `megadalle train` process (tiny preset, synthetic tokens) with OMP_NUM_THREADS set, timed by the
 trainer's own tokens/s over the logged windows after the first (which includes start-up). Prints
 the ratios side by side, measured in the same run, and writes JSON.
 
-    python benchmarks/threads.py [--steps 150] [--threads 1 2] [--out benchmarks/results/threads.json]
+    python benchmarks/threads.py [--steps 150] [--threads 1 2]
+
+Writes benchmarks/results/threads.json for the bare run (1 thread vs one per core); another list
+of thread counts adds it to the name (threads_1+2+4.json; see benchmarks/_results.py).
 
 Run it on an otherwise idle machine: the point is how the stages scale with the cores they get.
 """
@@ -25,6 +28,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _results import listed, out_path  # noqa: E402
+
+DEFAULT_THREADS = [1, os.cpu_count() or 1]
 
 
 def _run(threads: int, steps: int, run_dir: Path) -> float:
@@ -50,8 +58,8 @@ def _run(threads: int, steps: int, run_dir: Path) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "threads.json"))
+    p.add_argument("--threads", type=int, nargs="+", default=DEFAULT_THREADS)
+    p.add_argument("--out", default=None, help="default: benchmarks/results/threads[_<threads>].json")
     a = p.parse_args()
     results: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -63,7 +71,7 @@ def main() -> None:
     ratios = {t: v / results[base] for t, v in results.items()}
     print(f"\ntiny transformer tokens/s relative to {base} thread(s), {a.steps} steps, {os.cpu_count()} cores: "
           + "  ".join(f"{t} threads {r:.2f}x" for t, r in ratios.items()))
-    out = Path(a.out)
+    out = out_path(a.out, "threads", listed(a.threads, DEFAULT_THREADS))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                "steps": a.steps, "tokens_per_s": results, "ratio_to_first": ratios,

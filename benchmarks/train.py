@@ -15,7 +15,11 @@ reports:
                      optimizer state (Adam moments plus the fp32 master partition where DeepSpeed
                      keeps one)
 
-    python benchmarks/train.py [--steps 12 --warmup 3 --micro 8 --out benchmarks/results/train.json]
+    python benchmarks/train.py [--precision bf16] [--steps 12 --warmup 3 --micro 8]
+
+Writes benchmarks/results/train_<precision>.json (train_fp32.json, train_bf16.json), one file per
+configuration: a preset other than tiny, a rank count other than 2, a subset of --configs or a GPU
+add their value to the name (train_small_bf16_cuda.json); see benchmarks/_results.py.
 
 On a GPU machine, `--ranks` processes use one GPU each; run it with `--preset small --precision
 bf16` (or `1.3b`) and it prints MFU, model FLOPs counting only the attention pairs the masks
@@ -37,6 +41,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _results import listed, out_path, unless  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "zero0": {"distributed.zero_stage": 0},
@@ -199,7 +206,8 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--precision", default="fp32", help="fp32 or bf16 (fp16 needs a GPU)")
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
+    p.add_argument("--out", default=None,
+                   help="default: benchmarks/results/train_<precision>.json (see benchmarks/_results.py)")
     p.add_argument("--fp16-overhead-steps", type=int, default=6,
                    help="steps of the per-resblock vs plain fp16 comparison (0 skips it)")
     # worker mode (launched by the driver)
@@ -214,9 +222,19 @@ def main() -> None:
         return
     import tempfile
 
+    import torch
+
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIGS)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = out_path(args.out, "train", unless(args.preset, "tiny"), args.precision,
+                   f"{args.ranks}ranks" if args.ranks != 2 else None, listed(configs, CONFIGS),
+                   unless(device, "cpu"))
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.configs.split(","):
+        for name in configs:
             print(f"running {name} on {args.ranks} ranks ...", flush=True)
             results[name] = launch(name, args, Path(tmp))
     mib = 2**20
@@ -236,8 +254,17 @@ def main() -> None:
         print(f"{name:15s} {r0['tokens_per_s']:8.0f} {r0['tokens_per_cpu_s']:9.0f} {peak:>14s} "
               f"{r0['params_bytes'] / mib:10.2f} {r0['grads_bytes'] / mib:9.2f} {r0['optimizer_bytes'] / mib:9.2f} "
               f"{state / mib:9.2f} {ratio:>8s}")
+    # The ratios the README quotes, from rank 0's figures above (computed here so the JSON holds them).
+    summary: dict[str, float] = {}
+    if base_state:
+        for name, ranks in results.items():
+            r0 = ranks[0]
+            summary[f"{name}_vs_zero0_state"] = (r0["params_bytes"] + r0["grads_bytes"] + r0["optimizer_bytes"]) / base_state
     if "zero0" in results and "zero0_actckpt" in results:
         on, off = results["zero0_actckpt"][0], results["zero0"][0]
+        summary.update(actckpt_tokens_per_s_ratio=on["tokens_per_s"] / off["tokens_per_s"],
+                       actckpt_tokens_per_cpu_s_ratio=on["tokens_per_cpu_s"] / off["tokens_per_cpu_s"],
+                       actckpt_peak_memory_ratio=on["peak_memory_bytes"] / off["peak_memory_bytes"])
         print(f"\nactivation checkpointing (ZeRO-0): tokens/s on/off = {on['tokens_per_s'] / off['tokens_per_s']:.2f} "
               f"(per CPU-second {on['tokens_per_cpu_s'] / off['tokens_per_cpu_s']:.2f}); peak memory on/off = "
               f"{on['peak_memory_bytes'] / off['peak_memory_bytes']:.2f}")
@@ -250,12 +277,15 @@ def main() -> None:
     if any(r[0].get("mfu") for r in results.values()):
         for name, ranks in results.items():
             print(f"MFU {name}: {ranks[0]['mfu']:.3f}")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"processor": platform.processor(), "cpus": os.cpu_count()},
+    out.write_text(json.dumps({"machine": {"processor": platform.processor(), "cpus": os.cpu_count(),
+                                           "device": device},
+                               "command": " ".join(["python", "benchmarks/train.py", *sys.argv[1:]]),
                                "settings": {k: getattr(args, k) for k in ("steps", "warmup", "micro", "ranks",
-                                                                          "preset", "precision")},
-                               "results": results, "fp16_per_resblock_vs_fp16": overhead}, indent=1))
+                                                                          "preset", "precision",
+                                                                          "fp16_overhead_steps")},
+                               "results": results, "summary": summary,
+                               "fp16_per_resblock_vs_fp16": overhead}, indent=1))
     print(f"\nwrote {out}")
 
 
