@@ -86,7 +86,8 @@ def test_paper_block_size_and_head_dim_on_a_larger_stream():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", KINDS)
 def test_low_precision_error_at_most_pytorchs_own(kind, dtype):
-    """Error vs the fp32 reference at most twice that of PyTorch's own attention in `dtype`."""
+    """Error vs the fp32 reference at most twice that of PyTorch's own attention in `dtype` (as the
+    README says; measured at most 1.13x)."""
     layout = dalle_layout(kind)
     q, k, v = qkv(layout, dtype=dtype, seed=2)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
@@ -98,7 +99,7 @@ def test_low_precision_error_at_most_pytorchs_own(kind, dtype):
         assert a.dtype == dtype
         err = (a.double() - ref).abs().max().item()
         torch_err = (base.double() - ref).abs().max().item()
-        assert err <= 2 * torch_err + 1e-4, f"{kind} {dtype} {name}: kernel error {err:.3g} vs PyTorch {torch_err:.3g}"
+        assert err <= 2 * torch_err, f"{kind} {dtype} {name}: kernel error {err:.3g} vs PyTorch {torch_err:.3g}"
 
 
 def test_gradcheck_fp64_through_the_cpp_op():
@@ -123,8 +124,10 @@ def test_rows_without_allowed_keys_give_zeros_and_zero_grads():
     empty = torch.tensor([0, 9, 17])
     assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
     assert torch.equal(dq[:, :, empty], torch.zeros_like(dq[:, :, empty]))
-    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
-    torch.testing.assert_close(out, block_sparse_attention_reference(q, k, v, layout))
+    ref = block_sparse_attention_reference(q, k, v, layout)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip((dq, dk, dv), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
     # A layout with no kept block at all.
     none = BlockLayout.from_dense_mask(torch.zeros(20, 20, dtype=torch.bool), 8)
     assert none.nnz == 0
@@ -281,7 +284,8 @@ def test_missing_extension_falls_back_to_reference_and_logs_once(monkeypatch, ca
     torch.testing.assert_close(out, block_sparse_attention_reference(q, k, v, layout))
     torch.testing.assert_close(dec, block_sparse_attention_decode_reference(q[:, :, 3:4], k, v, layout, 3))
     out.sum().backward()  # the fallback is differentiable too
-    assert q.grad is not None
+    want = torch.autograd.grad(block_sparse_attention_reference(q, k, v, layout).sum(), q)[0]
+    torch.testing.assert_close(q.grad, want)
 
 
 @pytest.mark.parametrize("knob", ["MEGADALLE_JIT=0", "MEGADALLE_SKIP_EXT=1"])

@@ -72,7 +72,8 @@ def test_two_ranks_match_one_process(two_ranks, one_rank, name):
     one = losses(one_rank / ("zero2_bf16" if bf16 else "zero0"), "transformer")
     assert sorted(two) == sorted(one) == list(range(1, 11))
     # fp32: only the order of the gradient sum differs; bf16: 16-bit rounding of activations.
-    tol = 2e-3 if bf16 else 1e-5
+    # Measured: 9.5e-7 in fp32 (two float32 ulps at a loss of ~6), 6e-5 in bf16; the README's bounds.
+    tol = 5e-4 if bf16 else 4e-6
     for step in one:
         assert abs(two[step] - one[step]) <= tol, (name, step, two[step], one[step])
     assert one[10] < one[1] - 0.05  # it trains

@@ -71,8 +71,7 @@ def test_mpirun_np2_discovery_and_mpi4py_rendezvous():
 
 def test_mpirun_np2_trains_the_tiny_preset(tmp_path):
     need_mpi()
-    if "train" not in COMMANDS:
-        pytest.skip("`megadalle train` is not registered yet (training system)")
+    assert "train" in COMMANDS, "`megadalle train` is not a registered command"
     r = mpirun(2, sys.executable, "-m", "megadalle", "train", *TINY_TRAIN, f"--logging.run_dir={tmp_path}",
                timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -102,8 +101,7 @@ def _two_torchrun_nodes(tmp_path: Path, *program: str, timeout: int = 180) -> li
 def test_four_processes_as_two_nodes_train_the_tiny_preset(tmp_path):
     """Two torchrun agents (--nnodes 2 --nproc-per-node 2) meet at a c10d rendezvous on
     localhost; distributed.gpus_per_node=2 makes the 4 ranks 2 "machines" for megadalle too."""
-    if "train" not in COMMANDS:
-        pytest.skip("`megadalle train` is not registered yet (training system)")
+    assert "train" in COMMANDS, "`megadalle train` is not a registered command"
     results = _two_torchrun_nodes(tmp_path, "-m", "megadalle", "train", *TINY_TRAIN, f"--logging.run_dir={tmp_path}",
                                   "--distributed.gpus_per_node=2", timeout=300)
     for r in results:

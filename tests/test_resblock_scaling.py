@@ -83,11 +83,13 @@ def test_global_scale_underflows_and_per_resblock_recovers():
         grads = [g / 2.0**k for g in block_grads(model)]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             break
-        best = grads
+        best, best_global = grads, k
     assert best is not None, "no global scale avoided overflow"
     zero_frac_late = [float((g[m] == 0).float().mean()) for g, m in zip(best[-3:], live[-3:])]
-    # Late-block gradients vanish: almost every entry that is non-zero in fp32 is exactly zero.
-    assert min(zero_frac_late) > 0.9, zero_frac_late
+    assert best_global == 9  # the README's "best single global scale (2^9)"
+    # Late-block gradients vanish: almost every entry that is non-zero in fp32 is exactly zero
+    # (measured: 98.3%, 100%, 100%; the README claims > 95%).
+    assert min(zero_frac_late) > 0.95, zero_frac_late
 
     # Per-resblock scales: each block gets the largest scale at which it does not overflow,
     # found exactly as the controller would find it (grow until flagged).
@@ -113,7 +115,8 @@ def test_global_scale_underflows_and_per_resblock_recovers():
     got = block_grads(model2)
     for i, (g, r) in enumerate(zip(got, ref)):
         rel = float((g - r).norm() / r.norm())
-        assert rel < 0.02, f"block {i}: relative error {rel:.3g} vs fp32 (scale 2^{chosen[i]:.0f})"
+        # Measured: at most 0.47% (block 15), most blocks ~0.04%; the README claims within 1%.
+        assert rel < 0.01, f"block {i}: relative error {rel:.3g} vs fp32 (scale 2^{chosen[i]:.0f})"
     # The residual stream stayed fp32 and no scaled gradient reached .grad.
     assert model2.inp.weight.grad.dtype == torch.float32
     ref_inp = make()[0]
@@ -317,4 +320,7 @@ def test_tiny_transformer_fp16_per_resblock_tracks_bf16_and_fp32():
     assert fp32[-1] < 0.8 * fp32[0]  # it does learn
     # fp16 with per-resblock scales follows fp32 at least as closely as bf16 does.
     assert abs(fp16[-1] - fp32[-1]) <= max(abs(bf16[-1] - fp32[-1]), 0.02 * fp32[-1])
-    assert abs(fp16[-1] - bf16[-1]) < 0.05 * bf16[-1]
+    # The whole curve, step by step, as the README states it: within 0.05% of fp32 and 0.1% of
+    # bf16 (measured at most 0.008% and 0.016%).
+    for step, (a, b, c) in enumerate(zip(fp32, bf16, fp16)):
+        assert abs(c - a) < 5e-4 * a and abs(c - b) < 1e-3 * b, (step, a, b, c)

@@ -70,7 +70,11 @@ def test_train_on_token_shards_with_validation_and_resume(run_folder, capsys):
 
     cfg = load_run_config(folder)
     model = load_transformer(folder, cfg)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "transformer.safetensors"))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    assert params.keys() == saved.keys() and all(params[k].equal(saved[k]) for k in saved)
 
 
 def test_hand_written_deepspeed_json(run_folder, tmp_path, repo_root, capsys):
