@@ -143,6 +143,14 @@ RUNS = {
     "zero3": {"distributed.zero_stage": 3},
     "zero3_ckpt": {"distributed.zero_stage": 3, "distributed.activation_checkpointing": True},
     "zero2_bf16": {"distributed.zero_stage": 2, "precision.mode": "bf16"},
+    # The paper's scheme on 4 processes as 2 machines x 2 ranks (distributed/replicas.py).
+    "paper": {"distributed.zero_stage": 3, "distributed.scheme": "paper", "distributed.gpus_per_node": 2},
+    "paper_bf16": {"distributed.zero_stage": 3, "distributed.scheme": "paper", "distributed.gpus_per_node": 2,
+                   "precision.mode": "bf16"},
+    "zero3_bf16": {"distributed.zero_stage": 3, "precision.mode": "bf16"},
+    "paper_fp16rb": {"distributed.zero_stage": 3, "distributed.scheme": "paper", "distributed.gpus_per_node": 2,
+                     "precision.mode": "fp16_per_resblock"},
+    "zero3_fp16rb": {"distributed.zero_stage": 3, "precision.mode": "fp16_per_resblock"},
 }
 
 
@@ -213,6 +221,15 @@ def main() -> None:
                                                a.step_delay)
         summary = trainer.train()
         probe = probe_logits(trainer) if a.model == "transformer" else None
+        if trainer.cfg.distributed.scheme == "paper":  # every rank says which group ZeRO shards over
+            import torch.distributed as dist
+
+            opt = trainer.engine.optimizer
+            (run_dir / f"scheme-rank{trainer.rank}.json").write_text(json.dumps({
+                "rank": trainer.rank, "zero_group": dist.get_process_group_ranks(opt.dp_process_group),
+                "partition_numel": opt.grad_partitions_flat_buffer.numel(),
+                "model_numel": sum(p.ds_numel for p in trainer.engine.module.parameters()),
+                **trainer.gradient_hook.metrics()}))
         if trainer.is_main:
             if probe is not None:
                 torch.save(probe, run_dir / "probe.pt")

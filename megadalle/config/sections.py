@@ -434,6 +434,10 @@ class DistributedConfig:
     # several "machines" on one host (e.g. 2 with 4 processes = 2 machines x 2 ranks).
     gpus_per_node: int = 0
     timeout_s: int = 600  # a dead rank ends the job within this many seconds
+    # "zero": DeepSpeed's ZeRO over all ranks (zero_stage). "paper": the paper's scheme (section
+    # 2.5): ZeRO-3 inside each machine, machines as replicas averaging their gradient partitions
+    # (distributed/replicas.py).
+    scheme: str = "zero"
     powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
 
     def __post_init__(self) -> None:
@@ -444,6 +448,17 @@ class DistributedConfig:
                f"distributed.checkpoint_impl={self.checkpoint_impl!r}: choose torch or deepspeed")
         _check(self.gpus_per_node >= 0, "distributed.gpus_per_node must be >= 0")
         _check(self.timeout_s >= 1, "distributed.timeout_s must be >= 1")
+        _check(self.scheme in ("zero", "paper"), f"distributed.scheme={self.scheme!r}: choose zero or paper")
+        _check(self.scheme != "paper" or self.zero_stage == 3,
+               f"distributed.scheme=paper shards parameters, gradients and optimizer state with ZeRO-3 inside each "
+               f"machine; set distributed.zero_stage=3 (it is {self.zero_stage})")
+        _check(self.scheme != "paper" or not self.offload_optimizer,
+               "distributed.scheme=paper averages DeepSpeed's on-device gradient partitions between machines; "
+               "set distributed.offload_optimizer=false")
+        _check(self.scheme != "paper" or not self.powersgd.enabled,
+               "distributed.scheme=paper with distributed.powersgd.enabled=true: compressing the ZeRO-3 partitions "
+               "between machines is not built yet (the partitions are averaged uncompressed); set "
+               "distributed.powersgd.enabled=false")
         _check(not (self.offload_optimizer and self.zero_stage == 0),
                "distributed.offload_optimizer needs zero_stage >= 1")
 

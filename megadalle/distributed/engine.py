@@ -300,15 +300,31 @@ def build_engine(model: nn.Module, cfg: Config, train: TrainConfig, user_config:
     import deepspeed
 
     world = world_size()
-    ds = resolve_ds_config(cfg, train, world, user_config, section)
+    mpu = None
+    if cfg.distributed.scheme == "paper":
+        # ZeRO-3 over each machine's ranks only (distributed/replicas.py): DeepSpeed's batch
+        # arithmetic sees L data-parallel ranks; the true global batch (checked here) is M times that.
+        from dataclasses import replace
+
+        from megadalle.distributed.replicas import machine_parallelism
+
+        train.global_batch(world)
+        mpu = machine_parallelism(cfg)
+        ds = resolve_ds_config(cfg, replace(train, global_batch_size=0), mpu.get_data_parallel_world_size(),
+                               user_config, section)
+    else:
+        ds = resolve_ds_config(cfg, train, world, user_config, section)
     on_cuda = torch.cuda.is_available()
     if on_cuda:
         model = model.cuda()
     optimizer = build_optimizer(weight_decay_groups(model, train.optimizer.weight_decay), train.optimizer, on_cuda,
                                 offload=cfg.distributed.offload_optimizer)
     _quiet_deepspeed()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False,
+                                           mpu=mpu)
     _quiet_deepspeed()
+    if mpu is not None:
+        mpu.configure_checkpointing(engine)
     return engine
 
 

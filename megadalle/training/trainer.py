@@ -216,6 +216,10 @@ class Trainer:
             from megadalle.distributed import powersgd
 
             self.gradient_hook = dist.HookChain(self.gradient_hook, powersgd.attach(self.engine, self.cfg))
+        if self.cfg.distributed.scheme == "paper":  # machines average their ZeRO-3 gradient partitions
+            from megadalle.distributed import replicas
+
+            self.gradient_hook = dist.HookChain(self.gradient_hook, replicas.attach(self.engine))
         self._seed(self.tcfg.seed + 1000 * (self.rank + 1))
         self.data = self.build_data()
         self.val_data = self.build_val_data()
