@@ -381,6 +381,10 @@ class PrecisionConfig:
     backoff_window: int = 125
     # Global loss scale for plain fp16 (DeepSpeed dynamic scaling).
     fp16_initial_scale_power: int = 16
+    # bf16 master weights, gradients and Adam moments: no fp32 copy, 8 bytes per parameter instead
+    # of 16, as the paper keeps its state in 16 bits (section 2.4). DeepSpeed's
+    # bf16_master_weights_and_grads + bf16_optimizer_states; needs mode=bf16 and ZeRO 1-3.
+    bf16_state: bool = False
 
     def __post_init__(self) -> None:
         _check(self.mode in ("fp32", "bf16", "fp16", "fp16_per_resblock"),
@@ -388,6 +392,9 @@ class PrecisionConfig:
         _check(self.min_scale_log2 <= self.init_scale_log2 <= self.max_scale_log2,
                "precision: need min_scale_log2 <= init_scale_log2 <= max_scale_log2")
         _check(self.backoff_window >= 1, "precision.backoff_window must be >= 1")
+        _check(not self.bf16_state or self.mode == "bf16",
+               f"precision.bf16_state=true keeps bf16 master weights and Adam moments; it needs precision.mode=bf16 "
+               f"(it is {self.mode})")
 
 
 @dataclass
@@ -535,6 +542,12 @@ class Config:
         _check(self.data.image_size == d.image_size,
                f"data.image_size={self.data.image_size} must equal dvae.image_size={d.image_size}")
         # Static compatibility rules are refused here, before DeepSpeed starts.
+        _check(not self.precision.bf16_state or self.distributed.zero_stage >= 1,
+               "precision.bf16_state=true is a ZeRO optimizer option (DeepSpeed's bf16_master_weights_and_grads); "
+               "set distributed.zero_stage to 1, 2 or 3")
+        _check(not (self.precision.bf16_state and self.distributed.offload_optimizer),
+               "precision.bf16_state=true with distributed.offload_optimizer=true needs DeepSpeed's CPU Adam "
+               "storing bf16 moments; set distributed.offload_optimizer=false")
         if self.distributed.powersgd.enabled:
             problem = powersgd_refusal(self.distributed.zero_stage, self.precision.mode)
             _check(not problem, problem)

@@ -47,6 +47,8 @@ def build_ds_config(cfg: Config, train: TrainConfig, world_size: int | None) -> 
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     out["zero_optimization"] = zero
     out["bf16"] = {"enabled": prec.mode == "bf16"}
+    if prec.bf16_state:  # no fp32 master copy: weights, gradients and Adam moments in bf16
+        out["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     # fp16_per_resblock leaves DeepSpeed in fp32: the residual stream, gains, biases, embeddings
     # and logits stay fp32 as in the paper, and each resblock's branch computes in fp16 under its
     # own gradient scale (distributed/resblock_scaling.py). A DeepSpeed fp16 engine would cast
@@ -74,6 +76,8 @@ _TYPED_KEYS: dict[tuple[str, ...], str] = {
     ("zero_optimization", "stage"): "distributed.zero_stage",
     ("zero_optimization", "offload_optimizer", "device"): "distributed.offload_optimizer",
     ("bf16", "enabled"): "precision.mode",
+    ("bf16", "bf16_master_weights_and_grads"): "precision.bf16_state",
+    ("bf16", "bf16_optimizer_states"): "precision.bf16_state",
     ("fp16", "enabled"): "precision.mode",
     ("fp16", "loss_scale"): "precision.mode / precision.fp16_initial_scale_power",
     ("fp16", "initial_scale_power"): "precision.fp16_initial_scale_power",
@@ -81,6 +85,8 @@ _TYPED_KEYS: dict[tuple[str, ...], str] = {
 # Where the typed config leaves a key out, the value it means.
 _TYPED_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("zero_optimization", "offload_optimizer", "device"): "none",
+    ("bf16", "bf16_master_weights_and_grads"): False,
+    ("bf16", "bf16_optimizer_states"): False,
 }
 
 
