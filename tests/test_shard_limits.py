@@ -88,13 +88,15 @@ def test_a_huge_canvas_is_skipped_before_decoding_with_bounded_memory(tmp_path):
         w.write("big", {"png": big, "txt": "a huge canvas"})
         w.write("ok", {"png": _png(40, 40), "txt": "a red circle"})
     script = textwrap.dedent(f"""
-        import json, resource
+        import json
         from megadalle.data.loader import image_loader
         loader = image_loader({str(tmp_path / 'shards')!r}, 4, image_size=16, shuffle_buffer=0, endless=False,
                               rank=0, world_size=1)
         keys = [k for b in loader for k in b["key"]]
-        print(json.dumps({{"keys": keys, "stats": loader.stats(),
-                          "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+        # VmHWM: this process's own peak. ru_maxrss would carry over the forking parent's (Linux
+        # keeps it across exec), which is the whole test session's.
+        hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        print(json.dumps({{"keys": keys, "stats": loader.stats(), "peak": int(hwm.split()[1]) * 1024}}))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -279,6 +279,53 @@ def build_optimizer(groups: list[dict[str, Any]], opt: OptimizerConfig, on_cuda:
 # --------------------------------------------------------------------------------------------
 
 
+def partitions_parameters(engine: Any) -> bool:
+    """ZeRO-3: each rank holds only its partition of every parameter."""
+    return engine.zero_optimization_stage() == 3
+
+
+def local_fp32_partitions(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, this rank's flat partition of the parameter's master copy, fp32 on CPU) under ZeRO-3.
+
+    No communication: a sharded EMA folds these in place of gathered full parameters."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    for name, p in engine.module.named_parameters():
+        yield name, safe_get_local_fp32_param(p).detach().float().cpu()
+
+
+def partition_like(engine: Any, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's flat partitions of full tensors, laid out as `local_fp32_partitions` (no
+    communication): to resume a sharded EMA from a checkpoint that holds the full average."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        group = getattr(p, "ds_process_group", None) or engine.optimizer.dp_process_group
+        n, r = p.ds_tensor.ds_numel, dist.get_rank(group=group)
+        piece = full[name].reshape(-1)[r * n:(r + 1) * n].float()
+        out[name] = torch.cat([piece, piece.new_zeros(n - piece.numel())])  # the last rank's padding
+    return out
+
+
+def gather_partitions(engine: Any, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors from every rank's flat partitions (as `local_fp32_partitions` gives them).
+
+    Collective over the group ZeRO shards each parameter over. ZeRO-3 cuts a parameter's
+    flattened elements into equal contiguous pieces in rank order, padding the last: concatenate
+    and drop the padding."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        part = local[name].contiguous()
+        group = getattr(p, "ds_process_group", None) or engine.optimizer.dp_process_group
+        pieces = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(pieces, part, group=group)
+        out[name] = torch.cat(pieces)[: p.ds_numel].view(p.ds_shape)
+    return out
+
+
 def resolve_ds_config(cfg: Config, train: TrainConfig, world: int, user_config: str | dict | None = None,
                       section: str = "train") -> dict[str, Any]:
     """Generated DeepSpeed dict, merged with a hand-written JSON (path or dict) when given."""
@@ -582,5 +629,6 @@ __all__ = [
     "broadcast_object", "mean_across_ranks", "weight_decay_groups", "build_optimizer", "resolve_ds_config",
     "build_engine", "set_lr", "grad_norm", "skip_step", "full_fp32_named_parameters", "gathered",
     "install_activation_checkpointing", "peak_memory_bytes", "device_peak_flops", "call_hook",
-    "install_precision", "HookChain",
+    "install_precision", "HookChain", "partitions_parameters", "local_fp32_partitions", "partition_like",
+    "gather_partitions",
 ]

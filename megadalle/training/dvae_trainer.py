@@ -125,8 +125,8 @@ class DVAETrainer(Trainer):
 
     @torch.no_grad()
     def write_samples(self, step: int) -> list[Path]:
-        # With EMA only rank 0 holds the average; without, gathering the weights is collective.
-        if self.ema.enabled and not self.is_main:
+        # Gathering the weights (no EMA, or a sharded one) is collective; else only rank 0 has them.
+        if not self.ema_model_is_collective and not self.is_main:
             return []
         model = self.ema_model()
         if not self.is_main:
@@ -151,7 +151,7 @@ class DVAETrainer(Trainer):
         it must also generalise across combinations; the stricter test)."""
         if self.check_images <= 0 or self.cfg.data.source != "shapes":
             return {}
-        if self.ema.enabled and not self.is_main:
+        if not self.ema_model_is_collective and not self.is_main:
             return {}
         model = self.ema_model()
         if not self.is_main:

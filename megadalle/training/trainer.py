@@ -242,7 +242,7 @@ class Trainer:
             if self.is_main:  # a rewind: newer checkpoints are set aside, never pruned later
                 self.ckpt.set_aside_newer(self.step)
         elif self.ema.enabled:
-            self.ema.update(dist.full_fp32_named_parameters(self.engine), keep=self.is_main)
+            self._fold_ema()
         if self.is_main:
             self.cfg.save(self.folder / "config.yaml")
 
@@ -263,13 +263,15 @@ class Trainer:
         return {"step": self.step, "updates": self.updates, "skipped": self.skipped, "section": self.section,
                 "wandb_id": self.wandb_id,
                 "schedule": self.schedule.state_dict(),
-                "ema": self.ema.state_dict() if self.is_main and self.ema.enabled else None,
+                "ema": self._ema_state() if self.is_main and self.ema.enabled else None,
                 "extra": self.extra_state(),
                 # Lets a converter pair DeepSpeed's per-group fp32 masters with names (ZeRO-0).
                 "optimizer_group_names": dist.optimizer_group_names(self.engine)}
 
     def rank_state(self) -> dict[str, Any]:
         return {"rng": rng_state(), "data": self.data.state_dict(),
+                # A sharded EMA: this rank's partition of the average (see _fold_ema).
+                "ema": self.ema.state_dict() if self.ema.enabled and self.ema_sharded else None,
                 "hook": self.gradient_hook.state_dict() if self.gradient_hook is not None else None}
 
     def save_checkpoint(self) -> Path:
@@ -283,11 +285,16 @@ class Trainer:
                                   f"not {self.section}; point checkpoint.resume at this stage's checkpoints")
         self.step, self.updates, self.skipped = state["step"], state["updates"], state["skipped"]
         self.schedule.load_state_dict(state["schedule"])
-        if self.ema.enabled and self.is_main:
-            if not state.get("ema"):
-                raise CheckpointError(f"checkpoint {ckpt} has no EMA state but {self.section}.ema_decay="
-                                      f"{self.tcfg.ema_decay}; resume with {self.section}.ema_decay=0")
-            self.ema.load_state_dict(state["ema"])
+        if self.ema.enabled and (self.is_main or self.ema_sharded):
+            saved = mine.get("ema") if self.ema_sharded else state.get("ema")
+            if self.ema_sharded and not saved and (state.get("ema") or {}).get("params"):
+                # Written before the EMA was sharded: take this rank's partition of the full average.
+                saved = {**state["ema"], "params": dist.partition_like(self.engine, state["ema"]["params"])}
+            if not saved or "params" not in saved:
+                raise CheckpointError(f"checkpoint {ckpt} has no {'sharded ' if self.ema_sharded else ''}EMA state "
+                                      f"for this rank but {self.section}.ema_decay={self.tcfg.ema_decay}; resume with "
+                                      f"the ZeRO stage it was written with, or {self.section}.ema_decay=0")
+            self.ema.load_state_dict(saved)
         self.load_extra_state(state.get("extra") or {})
         self.data.load_state_dict(mine["data"])
         if self.gradient_hook is not None:
@@ -299,6 +306,35 @@ class Trainer:
         self.resumed_from = str(ckpt)
 
     # ------------------------------------------------------------------ EMA
+    @property
+    def ema_sharded(self) -> bool:
+        """Under ZeRO-3 every rank averages its own partition: no full-model gather while training
+        (at 12B a gather every 25 updates would move ~49 GB to the CPU); the export gathers once."""
+        return dist.partitions_parameters(self.engine)
+
+    @property
+    def ema_model_is_collective(self) -> bool:
+        """Whether every rank must call ema_model() (gathering is collective)."""
+        return self.ema_sharded or not self.ema.enabled
+
+    def _fold_ema(self) -> None:
+        if self.ema_sharded:
+            self.ema.update(dist.local_fp32_partitions(self.engine), keep=True)
+        else:
+            self.ema.update(dist.full_fp32_named_parameters(self.engine), keep=self.is_main)
+
+    def _ema_state(self) -> dict[str, Any]:
+        """What trainer_state.pt records of the EMA: all of it, or (sharded) all but the partitions."""
+        state = self.ema.state_dict()
+        if self.ema_sharded:
+            state = {k: v for k, v in state.items() if k != "params"}
+            state["sharded"] = True
+        return state
+
+    def full_ema(self) -> dict[str, torch.Tensor]:
+        """The averaged weights as full tensors (collective when sharded; on rank 0 otherwise)."""
+        return dist.gather_partitions(self.engine, self.ema.params) if self.ema_sharded else self.ema.params
+
     def ema_model(self) -> nn.Module:
         """A plain (non-DeepSpeed) model holding the EMA weights on rank 0.
 
@@ -309,7 +345,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             model = self.build_model()
         # Same branch on every rank (gathering is collective); only rank 0 holds the EMA.
-        state = self.ema.params if self.ema.enabled else dict(dist.full_fp32_named_parameters(self.engine))
+        state = self.full_ema() if self.ema.enabled else dict(dist.full_fp32_named_parameters(self.engine))
         if not self.is_main:
             return model.eval()
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -324,7 +360,7 @@ class Trainer:
 
         # The branch must be the same on every rank: gathering ZeRO shards is collective.
         if self.ema.enabled:
-            tensors = {k: v.contiguous() for k, v in self.ema.params.items()}
+            tensors = {k: v.contiguous() for k, v in self.full_ema().items()}
         else:
             tensors = {k: v.contiguous() for k, v in dist.full_fp32_named_parameters(self.engine)}
         if not self.is_main:
@@ -432,7 +468,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{step_metrics['loss']:.4f}")
             summary.last_loss = step_metrics["loss"]
             if self.ema.enabled and step_metrics["_applied"] and self.ema.due(self.updates):
-                self.ema.update(dist.full_fp32_named_parameters(self.engine), keep=self.is_main)
+                self._fold_ema()
             logs: dict[str, float] = {}
             if self.tcfg.eval_every and self.step % self.tcfg.eval_every == 0:
                 val = self.evaluate()
