@@ -3,6 +3,12 @@
 Skipped without a CUDA device. On a CUDA machine the extension must have been built with CUDA
 (`pip install --no-build-isolation -e .` there, or the JIT path): a missing CUDA kernel fails
 here instead of silently testing the reference fallback.
+
+The comparisons run for both CUDA paths: the default SIMT kernels (ids `simt`) and the
+tensor-core kernels that are off by default (ids `tensorcores`; block_sparse_attention.
+use_tensor_cores). `pytest -k "not tensorcores"` runs the default path alone, `-k tensorcores`
+the tensor-core one (benchmarks/gpu_check.py runs them in two processes, so that a crash of one
+path cannot take the other's results with it).
 """
 
 from __future__ import annotations
@@ -30,6 +36,15 @@ def cuda_kernel_built():
         f"the extension ({bsa.extension_info()}) has no CUDA kernel: rebuild it on this machine")
 
 
+@pytest.fixture(params=["simt", "tensorcores"])
+def kernel(request):
+    """Which CUDA kernels block_sparse_attention runs for the test (restored after it)."""
+    before = bsa.tensor_cores_enabled()
+    bsa.use_tensor_cores(request.param == "tensorcores")
+    yield request.param
+    bsa.use_tensor_cores(before)
+
+
 def compare(layout: BlockLayout, dtype: torch.dtype, b: int, h: int, d: int, seed: int = 0):
     """Kernel and PyTorch-in-dtype errors against an fp32 reference, for out, dq, dk, dv."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,16 +70,16 @@ def compare(layout: BlockLayout, dtype: torch.dtype, b: int, h: int, d: int, see
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("block_size,head_dim", [(16, 32), (32, 64), (64, 64)])
-def test_small_odd_stream_matches_reference(kind, dtype, block_size, head_dim):
+def test_small_odd_stream_matches_reference(kernel, kind, dtype, block_size, head_dim):
     compare(mask_set(SMALL, kind, SMALL.seq_len).layout(block_size), dtype, b=2, h=3, d=head_dim)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_paper_stream_bf16(kind):
+def test_paper_stream_bf16(kernel, kind):
     compare(mask_set(PAPER, kind, PAPER.seq_len).layout(64), torch.bfloat16, b=2, h=2, d=64, seed=1)
 
 
-def test_rows_without_allowed_keys_give_zeros():
+def test_rows_without_allowed_keys_give_zeros(kernel):
     mask = torch.tril(torch.ones(70, 70, dtype=torch.bool))
     mask[[0, 33, 69]] = False
     layout = BlockLayout.from_dense_mask(mask, 32)
@@ -73,6 +88,27 @@ def test_rows_without_allowed_keys_give_zeros():
     dq, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
     assert (out[:, :, [0, 33, 69]] == 0).all() and (dq[:, :, [0, 33, 69]] == 0).all()
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "tensorcores"])
+def test_the_kernels_asked_for_are_the_ones_that_run(tensor_cores):
+    """use_tensor_cores switches forward and backward to the *_tc_kernel launches, and only then
+    (the profiler lists the CUDA kernels that ran)."""
+    layout = mask_set(PAPER, "conv", PAPER.seq_len).layout(64)
+    q, k, v = (torch.randn(1, 2, PAPER.seq_len, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    before = bsa.tensor_cores_enabled()
+    bsa.use_tensor_cores(tensor_cores)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            block_sparse_attention(q, k, v, layout).float().sum().backward()
+            torch.cuda.synchronize()
+    finally:
+        bsa.use_tensor_cores(before)
+    names = " ".join(e.name for e in prof.events())
+    for kernel in ("forward", "dq", "dkdv"):
+        assert (f"{kernel}_tc_kernel" in names) == tensor_cores, f"{kernel}: kernels that ran: {names[:2000]}"
+        assert (f"{kernel}_kernel" in names) == (not tensor_cores), f"{kernel}: kernels that ran: {names[:2000]}"
 
 
 @pytest.mark.parametrize("kind", KINDS)

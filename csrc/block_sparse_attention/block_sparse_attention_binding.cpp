@@ -4,9 +4,13 @@
 //
 // Ops (fake/meta implementations and the autograd.Function are in
 // megadalle/ops/block_sparse_attention.py):
-//   bsa_forward(q, k, v, row_ptr, col_idx, partial_idx, block_masks, block_size, scale) -> (out, lse)
+//   bsa_forward(q, k, v, row_ptr, col_idx, partial_idx, block_masks, block_size, scale,
+//               tensor_cores=False) -> (out, lse)
 //   bsa_backward(dout, q, k, v, out, lse, row_ptr, col_idx, partial_idx, t_col_ptr, t_row_idx,
-//                t_partial_idx, block_masks, block_size, scale) -> (dq, dk, dv)
+//                t_partial_idx, block_masks, block_size, scale, tensor_cores=False) -> (dq, dk, dv)
+// tensor_cores=True runs the WMMA kernels (block_sparse_attention_cuda_tc.cu) on CUDA tensors
+// whose data pointers are all 16-byte aligned, the SIMT kernels otherwise; it changes nothing on
+// CPU. Off by default until tests/test_block_sparse_cuda.py has passed with it on a GPU.
 //   bsa_decode(q, k_cache, v_cache, row_ptr, col_idx, partial_idx, block_masks, block_size, pos,
 //              scale) -> out
 // The layout's content (ascending columns, index ranges) is validated once per layout in Python
@@ -20,6 +24,9 @@
 #ifdef MEGADALLE_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+#include <initializer_list>
 
 #include "bsa_cuda.h"
 #endif
@@ -109,12 +116,19 @@ void check_cuda_sizes(const at::Tensor& q, int64_t block_size) {
 void check_cuda_status(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "block_sparse_attention: ", what, " failed: ", cudaGetErrorString(err));
 }
+
+// The tensor-core kernels move 16 bytes at a time between global and shared memory.
+bool aligned16(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  return true;
+}
 #endif
 
 std::tuple<at::Tensor, at::Tensor> bsa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                                const at::Tensor& partial_idx, const at::Tensor& block_masks,
-                                               int64_t block_size, double scale) {
+                                               int64_t block_size, double scale, bool tensor_cores) {
   check_tensor(q, "q", q, 4);
   check_same(k, "k", q);
   check_same(v, "v", q);
@@ -137,7 +151,11 @@ std::tuple<at::Tensor, at::Tensor> bsa_forward(const at::Tensor& q, const at::Te
   if (q.is_cuda()) {
     check_cuda_sizes(q, block_size);
     c10::cuda::CUDAGuard guard(q.device());
-    check_cuda_status(forward_cuda(p, to_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), "forward kernel");
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    if (tensor_cores && cuda_tc_supports(static_cast<int>(block_size), q.size(3)) && aligned16({&q, &k, &v, &out}))
+      check_cuda_status(forward_cuda_tc(p, to_dtype(q), stream), "tensor-core forward kernel");
+    else
+      check_cuda_status(forward_cuda(p, to_dtype(q), stream), "forward kernel");
     return {out, lse};
   }
 #endif
@@ -149,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& partial_idx,
     const at::Tensor& t_col_ptr, const at::Tensor& t_row_idx, const at::Tensor& t_partial_idx,
-    const at::Tensor& block_masks, int64_t block_size, double scale) {
+    const at::Tensor& block_masks, int64_t block_size, double scale, bool tensor_cores) {
   check_tensor(q, "q", q, 4);
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{k, "k"}, {v, "v"}, {out, "out"}, {dout, "dout"}}) {
     check_same(t, name, q);
@@ -194,7 +212,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_backward(
   if (q.is_cuda()) {
     check_cuda_sizes(q, block_size);
     c10::cuda::CUDAGuard guard(q.device());
-    check_cuda_status(backward_cuda(p, to_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), "backward kernels");
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    if (tensor_cores && cuda_tc_supports(static_cast<int>(block_size), q.size(3)) &&
+        aligned16({&q, &k, &v, &out, &dout, &dq, &dk, &dv}))
+      check_cuda_status(backward_cuda_tc(p, to_dtype(q), stream), "tensor-core backward kernels");
+    else
+      check_cuda_status(backward_cuda(p, to_dtype(q), stream), "backward kernels");
     return {dq, dk, dv};
   }
 #endif
@@ -250,10 +273,10 @@ at::Tensor bsa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
 // FRAGMENT: other parts of megadalle may register their own ops in the same namespace.
 TORCH_LIBRARY_FRAGMENT(megadalle, m) {
   m.def("bsa_forward(Tensor q, Tensor k, Tensor v, Tensor row_ptr, Tensor col_idx, Tensor partial_idx, "
-        "Tensor block_masks, int block_size, float scale) -> (Tensor, Tensor)");
+        "Tensor block_masks, int block_size, float scale, bool tensor_cores=False) -> (Tensor, Tensor)");
   m.def("bsa_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor row_ptr, "
         "Tensor col_idx, Tensor partial_idx, Tensor t_col_ptr, Tensor t_row_idx, Tensor t_partial_idx, "
-        "Tensor block_masks, int block_size, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor block_masks, int block_size, float scale, bool tensor_cores=False) -> (Tensor, Tensor, Tensor)");
   m.def("bsa_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor row_ptr, Tensor col_idx, "
         "Tensor partial_idx, Tensor block_masks, int block_size, int pos, float scale) -> Tensor");
 }

@@ -14,6 +14,12 @@ and fall back to the pure-PyTorch reference below when the extension is not buil
 cover the inputs (e.g. block_size 128 on CUDA), logging the reason once.
 The extension is found as the installed `megadalle.ops._C`, else JIT-compiled into a cache
 (see megadalle/ops/extension.py for the knobs).
+
+On CUDA the default kernels are SIMT (fp32 multiply-adds). `use_tensor_cores(True)` (or
+MEGADALLE_BSA_TENSOR_CORES=1 in the environment) switches forward and backward to the
+tensor-core (WMMA) kernels of csrc/block_sparse_attention/block_sparse_attention_cuda_tc.cu.
+They stay off by default until tests/test_block_sparse_cuda.py has passed with them on a GPU
+(benchmarks/gpu_check.py runs those tests); the CPU path and decode are the same either way.
 """
 
 from __future__ import annotations
@@ -32,6 +38,19 @@ log = logging.getLogger(__name__)
 
 _ext_state: dict[str, object] = {}  # "loaded": bool, "how": str, "error": str
 _logged: set[str] = set()
+_tensor_cores: list[bool] = [extension.env_flag("MEGADALLE_BSA_TENSOR_CORES")]
+
+
+def use_tensor_cores(enabled: bool) -> None:
+    """Run the tensor-core CUDA kernels (True) or the default SIMT ones (False) from now on.
+
+    Off by default: see the module docstring. Takes effect for calls made after it (a backward
+    uses what its forward used)."""
+    _tensor_cores[0] = bool(enabled)
+
+
+def tensor_cores_enabled() -> bool:
+    return _tensor_cores[0]
 
 
 def _log_once(msg: str) -> None:
@@ -44,12 +63,12 @@ def _register_fakes() -> None:
     """Meta/fake implementations: shapes only, so torch.compile and FakeTensor tracing work."""
 
     @torch.library.register_fake("megadalle::bsa_forward")
-    def _fwd_fake(q, k, v, row_ptr, col_idx, partial_idx, block_masks, block_size, scale):
+    def _fwd_fake(q, k, v, row_ptr, col_idx, partial_idx, block_masks, block_size, scale, tensor_cores=False):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @torch.library.register_fake("megadalle::bsa_backward")
     def _bwd_fake(dout, q, k, v, out, lse, row_ptr, col_idx, partial_idx, t_col_ptr, t_row_idx,
-                  t_partial_idx, block_masks, block_size, scale):
+                  t_partial_idx, block_masks, block_size, scale, tensor_cores=False):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("megadalle::bsa_decode")
@@ -195,12 +214,15 @@ class _BlockSparseAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, row_ptr, col_idx, partial_idx, block_masks, t_col_ptr, t_row_idx, t_partial_idx,
-                block_size: int, scale: float):
+                block_size: int, scale: float, tensor_cores: bool = False):
+        # The flag is passed only when set (CUDA): an extension built before it existed still
+        # runs the default path.
+        extra = (True,) if tensor_cores else ()
         out, lse = torch.ops.megadalle.bsa_forward(q, k, v, row_ptr, col_idx, partial_idx, block_masks,
-                                                   block_size, scale)
+                                                   block_size, scale, *extra)
         ctx.save_for_backward(q, k, v, out, lse, row_ptr, col_idx, partial_idx, block_masks,
                               t_col_ptr, t_row_idx, t_partial_idx)
-        ctx.block_size, ctx.scale = block_size, scale
+        ctx.block_size, ctx.scale, ctx.extra = block_size, scale, extra
         return out
 
     @staticmethod
@@ -209,8 +231,8 @@ class _BlockSparseAttentionFn(torch.autograd.Function):
             ctx.saved_tensors
         dq, dk, dv = torch.ops.megadalle.bsa_backward(
             dout.contiguous(), q, k, v, out, lse, row_ptr, col_idx, partial_idx, t_col_ptr, t_row_idx,
-            t_partial_idx, block_masks, ctx.block_size, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+            t_partial_idx, block_masks, ctx.block_size, ctx.scale, *ctx.extra)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
@@ -228,7 +250,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     a = _layout_on(layout, q.device, "arrays")
     return _BlockSparseAttentionFn.apply(q.contiguous(), k.contiguous(), v.contiguous(), a.row_ptr, a.col_idx,
                                          a.partial_idx, a.block_masks, a.t_col_ptr, a.t_row_idx, a.t_partial_idx,
-                                         layout.block_size, scale)
+                                         layout.block_size, scale, q.is_cuda and _tensor_cores[0])
 
 
 def _check_decode(q, k_cache, v_cache, layout, pos) -> None:

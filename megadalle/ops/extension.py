@@ -8,6 +8,9 @@ Build knobs (environment):
     MEGADALLE_SKIP_CUDA=1      build the CPU extension only, even where CUDA is available
     MEGADALLE_CUDA_ARCH="80;90"  compute capabilities of the CUDA build (default 80;90)
 Run-time knobs:
+    MEGADALLE_BSA_TENSOR_CORES=1  run the tensor-core (WMMA) CUDA kernels instead of the default
+                               SIMT ones (off until tests/test_block_sparse_cuda.py has passed
+                               with them on a GPU; see block_sparse_attention.use_tensor_cores)
     MEGADALLE_JIT=0            never JIT-compile; without an installed extension use the reference
                                (MEGADALLE_SKIP_EXT=1 at run time does the same)
     MEGADALLE_JIT=1            JIT-compile even when an installed extension exists (development)
@@ -36,10 +39,11 @@ def env_flag(name: str) -> bool:
 
 
 def sources(with_cuda: bool, root: Path = CSRC) -> list[str]:
-    """The extension's sources: the binding, the CPU implementation, and the kernels with CUDA."""
+    """The extension's sources: the binding, the CPU implementation, and the kernels with CUDA
+    (the default SIMT kernels and the tensor-core ones, which run only when asked for)."""
     srcs = [root / "block_sparse_attention_binding.cpp", root / "block_sparse_attention_cpu.cpp"]
     if with_cuda:
-        srcs.append(root / "block_sparse_attention_cuda.cu")
+        srcs += [root / "block_sparse_attention_cuda.cu", root / "block_sparse_attention_cuda_tc.cu"]
     return [str(s) for s in srcs]
 
 
