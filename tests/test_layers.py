@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megadalle"
 
 # Lower numbers are further down; a module may import its own layer or lower ones.
 LAYER = {
-    "errors": 0, "config": 0, "safe_load": 0, "run_layout": 0, "__init__": 0,
+    "errors": 0, "config": 0, "safe_load": 0, "run_layout": 0,
+    "__init__": 5,  # the package root: re-exports the public API (megadalle.Pipeline) lazily
     "ops": 1,
     "distributed": 2, "data": 2, "dvae": 2, "transformer": 2, "clip": 2, "eval": 2,
     "training": 3, "generate": 3, "tools": 3,

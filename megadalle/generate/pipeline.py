@@ -36,6 +36,7 @@ class Generator:
     decode: Callable[[torch.Tensor], torch.Tensor]  # codes long [B, g, g] -> float [B,3,H,W]
     grid: int  # image tokens per side
     scorer: Scorer | None = None
+    device: torch.device = torch.device("cpu")  # where sampling runs: its random generator lives there
 
 
 @dataclass
@@ -60,7 +61,7 @@ def sample_caption(gen: Generator, caption: str, n: int, batch_size: int, seed: 
     text_one = gen.encode_text([caption])  # (1, T)
     for b, start in enumerate(range(0, n, batch_size)):
         m = min(batch_size, n - start)
-        g = torch.Generator().manual_seed(caption_seed(seed, caption_index, b))
+        g = torch.Generator(device=gen.device).manual_seed(caption_seed(seed, caption_index, b))
         text = text_one.expand(m, -1)
         pre = None if prefix is None else prefix.reshape(1, -1).expand(m, -1)
         codes = gen.sample_codes(text, pre, g)  # (m, g*g)
