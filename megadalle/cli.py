@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-clip": ("megadalle.commands.train_clip", "train the contrastive reranker on the image shards"),
     "sample": ("megadalle.commands.sample", "generate images for captions, rerank, write a grid and JSON"),
     "eval": ("megadalle.commands.eval", "sample a caption set and score it (shapes accuracy, CLIP score, FID/IS)"),
+    "export": ("megadalle.commands.export", "one self-describing model folder (transformer, dVAE, tokenizer, reranker) from a run"),
     "convert": ("megadalle.commands.convert", "convert checkpoints (openai-dvae, zero-to-safetensors)"),
     "inspect": ("megadalle.commands.inspect", "show what a training checkpoint holds (step, sizes, dtypes, config)"),
     "plan": ("megadalle.commands.plan", "memory per GPU and traffic per step of a model on a cluster (dry run)"),

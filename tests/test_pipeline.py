@@ -95,3 +95,49 @@ def test_pipeline_on_the_gpu(run_dir, dtype):
     assert result.codes.shape == (4, 16) and result.codes.device.type == "cpu"
     assert torch.isfinite(result.images).all() and result.images.shape == (4, 3, 32, 32)
     assert torch.equal(pipe.sample(CAPTION, seed=3)[0].codes, result.codes)  # seeded on the GPU too
+
+
+def test_export_then_from_pretrained_reproduces_the_runs_samples(run_dir, tmp_path, capsys):
+    from megadalle import Pipeline
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert "exported transformer, dvae, tokenizer, clip" in capsys.readouterr().out
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["format"] == "megadalle-export" and manifest["parts"] == ["transformer", "dvae", "tokenizer", "clip"]
+    card = (out / "README.md").read_text()
+    assert "Pipeline.from_pretrained" in card and "| transformer | d 32, depth 2" in card
+    from_run = Pipeline.from_run(run_dir, device="cpu", n=4)
+    from_export = Pipeline.from_pretrained(out, device="cpu", n=4)
+    a, b = from_run.sample(CAPTION, seed=5)[0], from_export.sample(CAPTION, seed=5)[0]
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.images, b.images) and torch.equal(a.scores, b.scores)
+    # The command line reads the export too.
+    assert cli.main(["sample", "--ckpt", str(out), "--prompt", CAPTION, "--n", "2", "--top", "1",
+                     "--out", str(tmp_path / "s")]) == 0
+
+
+def test_export_refuses_what_does_not_fit(run_dir, tmp_path, capsys):
+    import shutil
+
+    from megadalle import Pipeline
+    from megadalle.dvae.io import save_dvae
+    from megadalle.dvae.model import DiscreteVAE
+    from sample_run import small_config
+
+    out = tmp_path / "exported"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 2  # not empty: nothing overwritten
+    assert "is not empty" in capsys.readouterr().err
+    # A dVAE with another code book does not fit the transformer: refused, and nothing written.
+    other = small_config(tmp_path, **{"dvae.vocab_size": 32, "transformer.image_vocab_size": 32}).dvae
+    save_dvae(DiscreteVAE(other), other, tmp_path / "other_dvae")
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "bad"), "--dvae", str(tmp_path / "other_dvae")]) == 2
+    assert "has 32 codes but the transformer's image vocabulary is 64" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    # A run folder is not an export, and a damaged manifest is refused.
+    with pytest.raises(CommandError, match="not an exported model folder"):
+        Pipeline.from_pretrained(run_dir)
+    copy = shutil.copytree(out, tmp_path / "copy")
+    (copy / "export.json").write_text('{"format": "something-else", "version": 1}')
+    with pytest.raises(CommandError, match="is not a megadalle-export version 1 manifest"):
+        Pipeline.from_pretrained(copy)

@@ -45,6 +45,14 @@ class Pipeline:
                              device=device, dtype=dtype)
         return cls(loaded, settings)
 
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> "Pipeline":
+        """A folder written by `megadalle export` (checked by its export.json); same options as from_run."""
+        from megadalle.tools.export import check_export
+
+        check_export(folder)
+        return cls.from_run(folder, **kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.loaded.device
