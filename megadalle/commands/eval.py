@@ -27,8 +27,8 @@ from megadalle.errors import CommandError
 from megadalle.config import Config
 from megadalle.eval.summary import Judgement, format_summary, summarise
 from megadalle.generate.pipeline import CaptionResult, read_prompts, sampling_settings, write_results
-from megadalle.commands.sample import (add_model_arguments, add_sampling_arguments, generate_all,
-                                               load_models, sampling_config)
+from megadalle.commands.sample import add_model_arguments, add_sampling_arguments, load_models, sampling_config
+from megadalle.generate.models import generate_all
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from megadalle.run_layout import RunLayout
 from megadalle.errors import CommandError
 from megadalle.config import Config, ConfigError, SamplingConfig
 from megadalle.generate import models
-from megadalle.generate.models import Loaded, generate_all, image_prompt_prefix  # noqa: F401 - used by eval
+from megadalle.generate.models import Loaded, generate_all, image_prompt_prefix
 from megadalle.generate.pipeline import read_prompts, sampling_settings, write_results
 
 

@@ -55,8 +55,7 @@ from megadalle.errors import CommandError
 from megadalle.distributed import engine as dist
 from megadalle.run_layout import RunLayout
 from megadalle.distributed.watchdog import TrainingGuard
-from megadalle.training.checkpoint import (TRAINER_STATE, CheckpointError, CheckpointManager, load_torch, rng_state,
-                                           set_rng_state)
+from megadalle.training.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from megadalle.training.ema import EMA
 from megadalle.training.metrics import Metrics
 from megadalle.training.run_lock import RunLock
@@ -233,24 +232,18 @@ class Trainer:
         target = self.ckpt.resume_target(self.cfg.checkpoint.resume)
         # Every rank must resume the same checkpoint (rank 0's view of the shared folder decides).
         target_name = dist.broadcast_object(str(target) if target else "")
-        # A resumed run logs into the same W&B run: its id travels in the checkpoint.
-        self.wandb_id = self._saved_wandb_id(Path(target_name)) if target_name else uuid.uuid4().hex[:16]
-        self.metrics = Metrics(self.folder, self.cfg.logging, self.is_main, run_name=self.stage,
-                               config=self.cfg.to_dict(), wandb_id=self.wandb_id)
+        self.wandb_id = uuid.uuid4().hex[:16]  # a resume replaces it with the checkpoint's
         if target_name:
             self.resume(Path(target_name))
             if self.is_main:  # a rewind: newer checkpoints are set aside, never pruned later
                 self.ckpt.set_aside_newer(self.step)
         elif self.ema.enabled:
             self._fold_ema()
+        # After the resume: a resumed run logs into the same W&B run, whose id travels in the checkpoint.
+        self.metrics = Metrics(self.folder, self.cfg.logging, self.is_main, run_name=self.stage,
+                               config=self.cfg.to_dict(), wandb_id=self.wandb_id)
         if self.is_main:
             self.cfg.save(self.folder / "config.yaml")
-
-    def _saved_wandb_id(self, ckpt: Path) -> str:
-        state = ckpt / TRAINER_STATE
-        saved = load_torch(state).get("wandb_id") if self.is_main and state.is_file() else None
-        # Checkpoints from before the id was saved start a new W&B run.
-        return saved if isinstance(saved, str) and saved else uuid.uuid4().hex[:16]
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -284,6 +277,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {ckpt} was written by the {state.get('section')} stage, "
                                   f"not {self.section}; point checkpoint.resume at this stage's checkpoints")
         self.step, self.updates, self.skipped = state["step"], state["updates"], state["skipped"]
+        if isinstance(state.get("wandb_id"), str) and state["wandb_id"]:  # older checkpoints start a new W&B run
+            self.wandb_id = state["wandb_id"]
         self.schedule.load_state_dict(state["schedule"])
         if self.ema.enabled and (self.is_main or self.ema_sharded):
             saved = mine.get("ema") if self.ema_sharded else state.get("ema")
