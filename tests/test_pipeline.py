@@ -48,6 +48,11 @@ def test_pipeline_gives_generates_tokens(run_dir, dtype, torch_dtype):
     # Options per call: another seed, other tokens; the same seed again, the same tokens.
     assert not torch.equal(pipe.sample(CAPTION, seed=4)[0].codes, result.codes)
     assert torch.equal(pipe.sample(CAPTION, seed=3)[0].codes, result.codes)
+    # A call's sampling options apply to that call only, also when the next call gives none.
+    default = pipe.sample(CAPTION)[0].codes
+    hot = pipe.sample(CAPTION, temperature=3.0)[0].codes
+    assert not torch.equal(hot, default)
+    assert torch.equal(pipe.sample(CAPTION)[0].codes, default)
 
 
 def test_pipeline_returns_pil_images_and_matches_the_command(run_dir, tmp_path):

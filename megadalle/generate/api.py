@@ -65,11 +65,10 @@ class Pipeline:
             raise CommandError("give at least one caption")
         settings = _apply(self.sampling, options)
         prefix = image_prompt_prefix(self.loaded, image_prompt, prompt_rows)
-        # Sampling closes over the settings the models were loaded with: rebuild the sampler's
-        # knobs when a call changes them.
-        if settings != self.sampling:
-            self.loaded = _with_sampling(self.loaded, settings)
-        return generate_all(self.loaded, captions, settings, prefix, progress=progress)
+        # The loaded sampler closes over the pipeline's settings: a call that changes them gets its
+        # own sampler, and the next call starts from the pipeline's settings again.
+        loaded = self.loaded if settings == self.sampling else _with_sampling(self.loaded, settings)
+        return generate_all(loaded, captions, settings, prefix, progress=progress)
 
     def __call__(self, captions: str | list[str], **options: Any) -> list[list[Any]]:
         """The `top` best images of each caption, as PIL images (one list per caption)."""
