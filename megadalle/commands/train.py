@@ -6,15 +6,17 @@
     megadalle train --deepspeed_config ds_configs/zero2_bf16.json ...
 
 Resumes from `<run_dir>/transformer/checkpoints/latest` unless `--checkpoint.resume none` (or a
-path). Writes checkpoints, TensorBoard, metrics.jsonl and the EMA export
-`transformer.safetensors` + `transformer.yaml` under `<run_dir>/transformer/`.
+path); with nothing to resume, `--init-from DIR` starts from the weights of an export or run
+(fine-tuning: new optimizer, schedule and step count). Writes checkpoints, TensorBoard,
+metrics.jsonl and the EMA export `transformer.safetensors` + `transformer.yaml` under
+`<run_dir>/transformer/`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from megadalle.commands.training_options import add_launch_arguments
+from megadalle.commands.training_options import add_launch_arguments, apply_launch_arguments
 from megadalle.config import Config
 
 
@@ -25,8 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from megadalle.training.transformer_trainer import TransformerTrainer
 
-    if args.resume is not None:
-        cfg = cfg.replace(**{"checkpoint.resume": args.resume})
+    cfg = apply_launch_arguments(args, cfg)
     # The process group stays up until exit (distributed.engine registers its teardown).
     trainer = TransformerTrainer(cfg, deepspeed_config=args.deepspeed_config)
     summary = trainer.train()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megadalle.commands.training_options import add_launch_arguments
+from megadalle.commands.training_options import add_launch_arguments, apply_launch_arguments
 from megadalle.config import Config
 from megadalle.errors import CommandError
 from megadalle.training.clip_trainer import ClipTrainer
@@ -18,8 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.steps is not None:
         cfg = cfg.replace(**{"clip_train.steps": args.steps})
-    if args.resume is not None:
-        cfg = cfg.replace(**{"checkpoint.resume": args.resume})
+    cfg = apply_launch_arguments(args, cfg)
     if cfg.clip.open_clip_checkpoint:
         raise CommandError("clip.open_clip_checkpoint is set: that reranker is used as is; train-clip trains "
                            "megadalle's own reranker, so unset clip.open_clip_model/open_clip_checkpoint")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from megadalle.commands.training_options import add_launch_arguments
+from megadalle.commands.training_options import add_launch_arguments, apply_launch_arguments
 from megadalle.config import Config
 from megadalle.distributed import engine as dist
 from megadalle.training.dvae_trainer import DVAETrainer
@@ -18,8 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    if args.resume is not None:
-        cfg = cfg.replace(**{"checkpoint.resume": args.resume})
+    cfg = apply_launch_arguments(args, cfg)
     trainer = DVAETrainer(cfg, deepspeed_config=args.deepspeed_config, check_images=args.check_images)
     try:
         summary = trainer.train()

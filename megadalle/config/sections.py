@@ -476,6 +476,9 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step forever; 0: off
     resume: str = "latest"  # latest | none | <path to a checkpoint folder>
+    # Fine-tuning: start a new run from the weights of an export, run or stage folder (fresh
+    # optimizer, schedule and step count); a checkpoint to resume from wins (training/init_weights.py).
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "checkpoint.every_steps must be >= 1")

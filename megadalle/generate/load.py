@@ -105,8 +105,10 @@ def load_transformer(tdir: Path, cfg: Config, device: str | torch.device = "cpu"
     return model.to(device).eval()
 
 
-def check_compatible(cfg: Config, dvae_cfg: Any, tokenizer: Any, paths: RunPaths) -> None:
-    """The dVAE and tokenizer must produce what the transformer was trained on."""
+def check_compatible(cfg: Config, dvae_cfg: Any, tokenizer: Any, paths: RunPaths,
+                     fix: str = "Use the dVAE and tokenizer the transformer was trained with (--dvae, --tokenizer)"
+                     ) -> None:
+    """The dVAE and tokenizer must produce what the transformer was trained on; `fix` ends the message."""
     t = cfg.transformer
     problems = []
     if dvae_cfg.grid_size != t.image_grid:
@@ -122,5 +124,4 @@ def check_compatible(cfg: Config, dvae_cfg: Any, tokenizer: Any, paths: RunPaths
         problems.append(f"captions encode to {tokenizer.text_len} tokens but the transformer reads {t.text_len}")
     if problems:
         raise CommandError(f"dVAE {paths.dvae} / tokenizer {paths.tokenizer} do not fit transformer "
-                           f"{paths.transformer}: " + "; ".join(problems)
-                           + ". Use the dVAE and tokenizer the transformer was trained with (--dvae, --tokenizer)")
+                           f"{paths.transformer}: " + "; ".join(problems) + f". {fix}")

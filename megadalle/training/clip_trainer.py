@@ -8,6 +8,7 @@ that `load_clip` (and so `megadalle sample` / `eval`) reads.
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,3 +56,16 @@ class ClipTrainer(Trainer):
     def export_config(self) -> dict[str, Any]:
         # The format `load_clip` reads: the reranker's own config and the data geometry.
         return {"clip": asdict(self.cfg.clip), "geometry": asdict(self.geometry)}
+
+    def export_settings(self, exported: dict[str, Any]) -> dict[str, Any]:
+        # The geometry comes from the tokenizer and data settings (see __init__).
+        names = {"text_vocab_size": "tokenizer.vocab_size", "text_len": "tokenizer.text_len",
+                 "image_size": "data.image_size"}
+        clip, geometry = exported.get("clip"), exported.get("geometry")
+        return {**({f"clip.{k}": v for k, v in clip.items()} if isinstance(clip, dict) else {}),
+                **({names[k]: v for k, v in geometry.items() if k in names} if isinstance(geometry, dict) else {})}
+
+    def check_init_source(self, weights: Path) -> None:
+        from megadalle.training.init_weights import check_same_tokenizer
+
+        check_same_tokenizer(weights, self.layout.tokenizer)

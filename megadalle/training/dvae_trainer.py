@@ -112,6 +112,9 @@ class DVAETrainer(Trainer):
     def export_config(self) -> dict[str, Any]:
         return dataclasses.asdict(self.cfg.dvae)
 
+    def export_settings(self, exported: dict[str, Any]) -> dict[str, Any]:
+        return {f"dvae.{k}": v for k, v in exported.items()}  # dvae.yaml is the DVAEConfig alone
+
     # ---------------------------------------------------------------- samples
     def _fixed_images(self) -> torch.Tensor:
         if self._sample_images is None:

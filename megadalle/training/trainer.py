@@ -23,6 +23,8 @@ Subclasses override:
     extra_state() / load_extra_state(d)      anything else a checkpoint must carry
     export_name / export_config()            the EMA export: <stage>/<export_name>.safetensors + .yaml
     model_sections                           config sections that define the model (checked on resume)
+    export_settings(exported)                the dotted settings an export's yaml stands for (messages)
+    check_init_source(weights)               what else must fit exported weights (e.g. the tokenizer)
 
 The loop (`train()`), per step: `grad_accum_steps` micro-batches of forward + `engine.backward`,
 then the optional `gradient_hook.after_backward(model) -> bool` (contract in docs/DESIGN.md; False
@@ -34,6 +36,8 @@ updates, samples every `sample_every` steps, checkpoints every `checkpoint.every
 at the end. A run resumes from the latest checkpoint of its folder by default
 (`checkpoint.resume`), restoring model, optimizer, schedule, EMA, data position and every rank's
 RNG states, so that on CPU the resumed run's losses equal an uninterrupted run's bit for bit.
+A new run (nothing to resume) with `checkpoint.init_from` starts from exported weights instead of
+the initialisation (fine-tuning; training/init_weights.py).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class TrainSummary:
     steps_run: int = 0
     final_step: int = 0
     resumed_from: str = ""
+    started_from: str = ""  # checkpoint.init_from: the weights file a fine-tune started from
     skipped_steps: int = 0
     last_loss: float = math.nan
     last_val_loss: float = math.nan
@@ -75,6 +80,7 @@ class TrainSummary:
     def describe(self) -> str:
         lines = [f"trained to step {self.final_step} ({self.steps_run} steps this run"
                  + (f", resumed from {self.resumed_from}" if self.resumed_from else "")
+                 + (f", started from the weights in {self.started_from}" if self.started_from else "")
                  + f", {self.skipped_steps} skipped); last loss {self.last_loss:.4f}"
                  + ("" if math.isnan(self.last_val_loss) else f", last val loss {self.last_val_loss:.4f}")]
         lines += [f"  {what}: {where}" for what, where in self.written.items()]
@@ -142,6 +148,18 @@ class Trainer:
     def export_config(self) -> dict[str, Any]:
         return self.cfg.to_dict()
 
+    def export_settings(self, exported: dict[str, Any]) -> dict[str, Any]:
+        """The dotted settings (and preset) that an export's yaml, in the format export_config()
+        writes, stands for: {"preset": "tiny", "transformer.dim": 128, ...}. Default: a whole config."""
+        out = {"preset": exported["preset"]} if exported.get("preset") else {}
+        for section in self.model_sections:
+            if isinstance(exported.get(section), dict):
+                out.update({f"{section}.{k}": v for k, v in exported[section].items()})
+        return out
+
+    def check_init_source(self, weights: Path) -> None:
+        """Raise a CommandError when what else this run uses does not fit the weights it starts from."""
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if self.val_data is None:
@@ -199,9 +217,19 @@ class Trainer:
 
     def _build_and_resume(self) -> None:
         self.global_batch = self.tcfg.global_batch(self.world)
+        self.ckpt = CheckpointManager(self.folder / "checkpoints", self.cfg.checkpoint, self.rank, self.world,
+                                      self.run_id)
+        if self.is_main and self.lock.held:
+            self.ckpt.remove_stale_temps()
+        # Known before the model is built: a run with nothing to resume may start from exported weights.
+        target = self.ckpt.resume_target(self.cfg.checkpoint.resume)
+        # Every rank must resume the same checkpoint (rank 0's view of the shared folder decides).
+        target_name = dist.broadcast_object(str(target) if target else "")
         # Same init on every rank (ZeRO-3 partitions what each rank built), then per-rank streams.
         self._seed(self.tcfg.seed)
-        model = self.build_model().to(dist.local_device())
+        model = self.build_model()
+        self.started_from = self._start_from_weights(model, resuming=bool(target_name))
+        model = model.to(dist.local_device())
         self.model = model
         # Per-resblock fp16 scaling and subclass runner wrappers go in first: activation
         # checkpointing wraps their runner.
@@ -224,14 +252,7 @@ class Trainer:
         self.val_data = self.build_val_data()
         self.schedule = LRSchedule(self.tcfg.schedule, self.tcfg.optimizer.lr, self.tcfg.steps)
         self.ema = EMA(self.tcfg.ema_decay, self.tcfg.ema_every)
-        self.ckpt = CheckpointManager(self.folder / "checkpoints", self.cfg.checkpoint, self.rank, self.world,
-                                      self.run_id)
-        if self.is_main and self.lock.held:
-            self.ckpt.remove_stale_temps()
         self.resumed_from = ""
-        target = self.ckpt.resume_target(self.cfg.checkpoint.resume)
-        # Every rank must resume the same checkpoint (rank 0's view of the shared folder decides).
-        target_name = dist.broadcast_object(str(target) if target else "")
         self.wandb_id = uuid.uuid4().hex[:16]  # a resume replaces it with the checkpoint's
         if target_name:
             self.resume(Path(target_name))
@@ -244,6 +265,35 @@ class Trainer:
                                config=self.cfg.to_dict(), wandb_id=self.wandb_id)
         if self.is_main:
             self.cfg.save(self.folder / "config.yaml")
+
+    def _start_from_weights(self, model: nn.Module, resuming: bool) -> str:
+        """checkpoint.init_from: copy exported weights into the plain model, before DeepSpeed wraps
+        it (ZeRO-3 then partitions them); returns the weights file, or "" when nothing was loaded."""
+        source = self.cfg.checkpoint.init_from
+        if not source:
+            return ""
+        if resuming:
+            if self.is_main:
+                print(f"note: resuming the checkpoint in {self.ckpt.folder}; --init-from {source} is ignored "
+                      f"(it sets the starting weights of a new run only)")
+            return ""
+        from megadalle.training.init_weights import find_weights, load_weights, settings_hint
+
+        error, path = "", Path()
+        try:
+            path = find_weights(source, self.stage, self.export_name)
+            load_weights(model, path, lambda: settings_hint(path, self.cfg, self.export_settings))
+            self.check_init_source(path)
+        except (CommandError, ConfigError) as e:
+            error = str(e)
+        # Every rank reads the files itself; one rank that cannot must stop them all, not leave
+        # the others waiting in deepspeed.initialize.
+        errors = [e for e in dist.all_gather_object(error) if e]
+        if errors:
+            raise CommandError(errors[0])
+        if self.is_main:
+            print(f"starting from the weights in {path} (new optimizer state, schedule and step count)")
+        return str(path)
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -433,7 +483,7 @@ class Trainer:
         self.lock.release()
 
     def _train(self) -> TrainSummary:
-        summary = TrainSummary(resumed_from=self.resumed_from)
+        summary = TrainSummary(resumed_from=self.resumed_from, started_from=self.started_from)
         start = self.step
         total = self.tcfg.steps
         batches = self._batches()

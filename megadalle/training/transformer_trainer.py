@@ -136,6 +136,23 @@ class TransformerTrainer(Trainer):
 
         return DALLETransformer(self.cfg.transformer)
 
+    def check_init_source(self, weights: Path) -> None:
+        """Fine-tuning on captions: the run's tokenizer (and dVAE, where the run has one) must fit
+        the transformer as sampling checks, and the tokenizer must be the one it learnt with."""
+        if self.tcfg.synthetic_data:  # random token ids: no tokenizer, no dVAE
+            return
+        from megadalle.dvae.io import load_dvae_config
+        from megadalle.generate.load import RunPaths, check_compatible, load_run_config
+        from megadalle.training.init_weights import check_same_tokenizer
+
+        check_same_tokenizer(weights, self.layout.tokenizer)
+        tokenizer = self._load_tokenizer()
+        has_dvae = (self.layout.dvae / "dvae.yaml").is_file()
+        dvae_cfg = load_dvae_config(self.layout.dvae) if has_dvae else self.cfg.dvae
+        paths = RunPaths(self.layout.root, weights.parent, self.layout.dvae, self.layout.tokenizer, None)
+        check_compatible(load_run_config(weights.parent), dvae_cfg, tokenizer, paths,
+                         fix="Fine-tune with the dVAE tokens and the tokenizer the transformer was trained with")
+
     # ---- data ----
     def _token_source(self, split: str) -> Path:
         return self.layout.tokens(split)
