@@ -99,9 +99,9 @@ def test_resume_repeats_the_uninterrupted_run(four_ranks, tmp_path):
 def test_paper_scheme_refuses_what_it_cannot_do():
     with pytest.raises(ConfigError, match="set distributed.zero_stage=3"):
         load_config("tiny", None, {"distributed.scheme": "paper", "distributed.zero_stage": 1})
-    with pytest.raises(ConfigError, match="compressing the ZeRO-3 partitions between machines is not built yet"):
+    with pytest.raises(ConfigError, match="set distributed.offload_optimizer=false"):
         load_config("tiny", None, {"distributed.scheme": "paper", "distributed.zero_stage": 3,
-                                   "distributed.powersgd.enabled": True})
+                                   "distributed.offload_optimizer": True})
     with pytest.raises(ConfigError, match="choose zero or paper"):
         load_config("tiny", None, {"distributed.scheme": "mics"})
 

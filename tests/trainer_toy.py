@@ -151,6 +151,16 @@ RUNS = {
     "paper_fp16rb": {"distributed.zero_stage": 3, "distributed.scheme": "paper", "distributed.gpus_per_node": 2,
                      "precision.mode": "fp16_per_resblock"},
     "zero3_fp16rb": {"distributed.zero_stage": 3, "precision.mode": "fp16_per_resblock"},
+    # The same with PowerSGD on the partitions between the machines (distributed/partition_powersgd.py).
+    "paper_psgd": {"distributed.zero_stage": 3, "distributed.scheme": "paper", "distributed.gpus_per_node": 2,
+                   "distributed.powersgd.enabled": True, "distributed.powersgd.error_dtype": "fp32"},
+    "paper_psgd_bf16": {"distributed.zero_stage": 3, "distributed.scheme": "paper", "distributed.gpus_per_node": 2,
+                        "precision.mode": "bf16", "distributed.powersgd.enabled": True,
+                        "distributed.powersgd.error_dtype": "fp32"},
+    "zero1_psgd": {"distributed.zero_stage": 1, "distributed.gpus_per_node": 2, "distributed.powersgd.enabled": True},
+    # The paper's 16-bit state: bf16 weights, gradients, Adam moments and error buffers.
+    "paper_psgd16": {"distributed.zero_stage": 3, "distributed.scheme": "paper", "distributed.gpus_per_node": 2,
+                     "precision.mode": "bf16", "precision.bf16_state": True, "distributed.powersgd.enabled": True},
 }
 
 
@@ -165,17 +175,96 @@ def transformer_config(run_dir: str | Path, world: int, **overrides: Any) -> Con
     return load_config("tiny", None, base)
 
 
-def make_transformer_trainer(cfg: Config, step_delay: float = 0.0):
+def pattern_tokens(tcfg, batch: int, rank: int, world: int, seed: int):
+    """SyntheticTokens whose image codes follow a fixed random successor table from the first text
+    token, with 10% noise: learnable down to the noise's floor, so that compressed and uncompressed
+    runs can be compared where both have learned (test_paper_powersgd.py)."""
+    from megadalle.training.transformer_trainer import SyntheticTokens
+
+    V = tcfg.image_vocab_size
+    table = np.random.default_rng(1234).permutation(V)
+
+    class Pattern(SyntheticTokens):
+        def _sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+            text, noise = super()._sample(i)
+            keep = np.random.default_rng((self.seed, i, 1)).random(self.t.image_len) >= 0.1
+            codes = np.empty(self.t.image_len, dtype=np.int64)
+            prev = int(text[0]) % V
+            for j in range(self.t.image_len):
+                prev = codes[j] = table[prev] if keep[j] else noise[j]
+            return text, codes
+
+    return Pattern(tcfg, batch, rank, world, seed)
+
+
+def make_transformer_trainer(cfg: Config, step_delay: float = 0.0, pattern: bool = False, nan_step: int = 0,
+                             deepspeed_config: dict | None = None):
     from megadalle.training.transformer_trainer import TransformerTrainer
 
     class Slowed(TransformerTrainer):
+        calls = 0  # optimizer steps taken by this process
+
+        def train_step(self, batches):
+            # nan_step: the last rank's loss turns NaN on that step; the states around it are kept.
+            self.calls += 1
+            before = state_snapshot(self) if self.calls == nan_step else None
+            out = super().train_step(batches)
+            if before is not None:
+                after = state_snapshot(self)
+                self.nan_report = {k: bool(torch.equal(before[k], after[k])) for k in before}
+                self.nan_report["applied"] = out["_applied"]
+            return out
+
+        def build_data(self):
+            if not pattern:
+                return super().build_data()
+            return pattern_tokens(self.cfg.transformer, self.tcfg.micro_batch_size, self.rank, self.world,
+                                  self.tcfg.seed)
+
         # A pause per micro-batch so that a test can kill the run mid-training.
         def compute_loss(self, model, batch):
             if step_delay:
                 time.sleep(step_delay)
-            return super().compute_loss(model, batch)
+            loss, metrics = super().compute_loss(model, batch)
+            if self.calls == nan_step and self.rank == self.world - 1:
+                loss = loss * float("nan")
+            return loss, metrics
 
-    return Slowed(cfg)
+    return Slowed(cfg, deepspeed_config=deepspeed_config)
+
+
+def state_snapshot(trainer) -> dict[str, torch.Tensor]:
+    """Copies of what a skipped step must leave alone: this rank's weight partitions, the master
+    copy, Adam's moments and the PowerSGD error buffers (ZeRO-3)."""
+    opt = trainer.engine.optimizer
+    moments = [v for s in opt.optimizer.state.values() for k, v in sorted(s.items()) if k.startswith("exp_avg")]
+    hook = next(h for h in trainer.gradient_hook.hooks if hasattr(h, "error"))
+    return {"weights": torch.cat([t.reshape(-1).float() for t in opt.fp16_partitioned_groups_flat]),
+            "master": torch.cat([t.reshape(-1).float() for t in opt.fp32_partitioned_groups_flat]),
+            "moments": torch.cat([t.reshape(-1).float() for t in moments]) if moments else torch.zeros(0),
+            "error": hook.error.float().clone()}
+
+
+def resident_state_bytes(trainer) -> dict[str, int]:
+    """Bytes of the tensors DeepSpeed's ZeRO-3 optimizer and the gradient hook keep on this rank,
+    each storage counted once."""
+    opt = trainer.engine.optimizer
+    seen: set[int] = set()
+
+    def size(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t.numel() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    hook = next((h for h in trainer.gradient_hook.hooks if hasattr(h, "error")), None)
+    return {"weights": size(opt.fp16_partitioned_groups_flat), "master": size(opt.fp32_partitioned_groups_flat),
+            "grads": size([opt.grad_partitions_flat_buffer]),
+            "moments": size([v for s in opt.optimizer.state.values() for v in s.values()
+                             if torch.is_tensor(v) and v.dim() > 0]),
+            "error": size([hook.error]) if hook is not None else 0}
 
 
 def probe_batch(cfg: Config) -> dict[str, torch.Tensor]:
@@ -195,6 +284,16 @@ def probe_logits(trainer) -> dict[str, torch.Tensor]:
     return {**batch, "text_logits": text_logits.float().cpu(), "image_logits": image_logits.float().cpu()}
 
 
+def _deepspeed_comms() -> dict[str, dict[str, int]]:
+    """DeepSpeed's comms logger: per collective, calls and bytes (every ZeRO-3 collective of this rank)."""
+    from deepspeed.comm import comm as ds_comm
+
+    out = {}
+    for op, sizes in ds_comm.comms_logger.comms_dict.items():
+        out[op] = {"calls": sum(v[0] for v in sizes.values()), "bytes": sum(int(m) * v[0] for m, v in sizes.items())}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run_dir", required=True)
@@ -202,6 +301,9 @@ def main() -> None:
     p.add_argument("--model", default="toy", choices=["toy", "transformer"])
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--step_delay", type=float, default=0.0)
+    p.add_argument("--pattern", action="store_true", help="transformer: learnable pattern tokens")
+    p.add_argument("--nan_step", type=int, default=0, help="transformer: the last rank's loss is NaN on this step")
+    p.add_argument("--comms", action="store_true", help="transformer: DeepSpeed's comms logger on")
     p.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted key=value")
     a = p.parse_args()
@@ -218,7 +320,9 @@ def main() -> None:
                                  step_delay=a.step_delay)
         else:
             trainer = make_transformer_trainer(transformer_config(run_dir, world, **{**RUNS[name], **extra}),
-                                               a.step_delay)
+                                               a.step_delay, a.pattern, a.nan_step,
+                                               {"comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
+                                               if a.comms else None)
         summary = trainer.train()
         probe = probe_logits(trainer) if a.model == "transformer" else None
         if trainer.cfg.distributed.scheme == "paper":  # every rank says which group ZeRO shards over
@@ -229,6 +333,8 @@ def main() -> None:
                 "rank": trainer.rank, "zero_group": dist.get_process_group_ranks(opt.dp_process_group),
                 "partition_numel": opt.grad_partitions_flat_buffer.numel(),
                 "model_numel": sum(p.ds_numel for p in trainer.engine.module.parameters()),
+                "state_bytes": resident_state_bytes(trainer), "nan_report": getattr(trainer, "nan_report", None),
+                "comms": _deepspeed_comms() if a.comms else None,
                 **trainer.gradient_hook.metrics()}))
         if trainer.is_main:
             if probe is not None:

@@ -55,13 +55,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "1.3b": {**_transformer_preset(2048, 24, 32)},
     "2.8b": {**_transformer_preset(2560, 32, 40)},
     "5.6b": {**_transformer_preset(3072, 48, 48)},
-    # The paper: 64 layers, 62 heads of 64, d_model 3968.
-    # ZeRO-3 because `megadalle plan` shows only full sharding fits a 16 GB V100 (3.65 GiB per
-    # GPU; ZeRO-2 keeps every 16-bit weight on every GPU: 26.2 GiB). PowerSGD combines with
-    # ZeRO 0/1 only, so it is off here; rank 896 is kept for runs that turn it on at ZeRO-1.
-    "12b": {**_transformer_preset(3968, 64, 62), "precision": {"mode": "fp16_per_resblock"},
-            "distributed": {"zero_stage": 3, "activation_checkpointing": True,
-                            "powersgd": {"enabled": False, "rank": 896}},
+    # The paper: 64 layers, 62 heads of 64, d_model 3968, trained with its own distributed scheme
+    # (distributed/replicas.py, partition_powersgd.py): ZeRO-3 inside each machine, PowerSGD at
+    # rank 896 (112 per GPU) between machines, 16-bit state. The state is bf16 (DeepSpeed's bf16
+    # master weights and Adam moments) rather than the paper's fp16 with per-resblock scaling:
+    # DeepSpeed 0.19 keeps an fp32 master copy under any fp16 mode without optimizer offload
+    # (16 instead of 8 bytes a parameter), and bf16's 8-bit exponent has the range that made the
+    # paper scale each resblock's fp16 gradients (precision.mode=fp16_per_resblock still runs with
+    # this scheme, at fp32 state). `megadalle plan --preset 12b` shows what each GPU holds.
+    "12b": {**_transformer_preset(3968, 64, 62), "precision": {"mode": "bf16", "bf16_state": True},
+            "distributed": {"zero_stage": 3, "scheme": "paper", "activation_checkpointing": True,
+                            "powersgd": {"enabled": True, "rank": 896}},
             "train": {"steps": 430_000, "micro_batch_size": 1}},
 }
 

@@ -408,19 +408,37 @@ class PowerSGDConfig:
     # every gain/bias (< 2 dims): learned position/padding embeddings and the unembeddings
     # (text_head, image_head). Paper: embeddings, unembeddings, gains, biases.
     uncompressed: list[str] = field(default_factory=lambda: ["*embed*", "*head*", "*logits*"])
+    # Width of the error-feedback buffers: bf16 | fp32 | auto. auto = bf16 under scheme=paper (the
+    # paper keeps its state in 16 bits, and at 12B the buffers are 1/L of the matrices: 2.8 GiB per
+    # GPU in 16 bits, 5.6 in 32), fp32 otherwise (the ZeRO 0/1 exchange is not memory-bound).
+    error_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.rank >= 0, "distributed.powersgd.rank must be >= 0 (0 = derived from d_model)")
+        _check(self.error_dtype in ("auto", "bf16", "fp32"),
+               f"distributed.powersgd.error_dtype={self.error_dtype!r}: choose auto, bf16 or fp32")
         _check(0 < self.orth_eps < 1, "distributed.powersgd.orth_eps must be in (0, 1); the paper uses 1e-6")
 
 
-def powersgd_refusal(zero_stage: int, precision_mode: str) -> str:
-    """Why PowerSGD cannot run with this ZeRO stage and precision ("" when it can)."""
+    def resolved_error_dtype(self, scheme: str) -> str:
+        return self.error_dtype if self.error_dtype != "auto" else ("bf16" if scheme == "paper" else "fp32")
+
+
+def powersgd_refusal(zero_stage: int, precision_mode: str, scheme: str = "zero") -> str:
+    """Why PowerSGD cannot run with this ZeRO stage, precision and scheme ("" when it can)."""
+    if scheme == "paper":  # ZeRO-3 inside machines, PowerSGD on the partitions between them
+        if precision_mode == "fp16":
+            return ("distributed.scheme=paper with PowerSGD does not work with precision.mode=fp16: DeepSpeed's "
+                    "global loss scaler would never learn about the steps the exchange skips. Use "
+                    "precision.mode=bf16 (with precision.bf16_state=true for the paper's 16-bit state), fp32 or "
+                    "fp16_per_resblock")
+        return ""
     if zero_stage not in (0, 1):
         return (f"distributed.powersgd.enabled=true works with distributed.zero_stage 0 or 1, not {zero_stage}: "
                 f"ZeRO-2/3 reduce each gradient inside DeepSpeed's backward hooks over all ranks, which would "
                 f"send it uncompressed between machines. Set --distributed.zero_stage=1 (optimizer states stay "
-                f"partitioned) or --distributed.powersgd.enabled=false")
+                f"partitioned), or --distributed.scheme=paper with zero_stage 3 (ZeRO-3 inside each machine, "
+                f"PowerSGD between machines), or --distributed.powersgd.enabled=false")
     if precision_mode == "fp16":
         return ("distributed.powersgd.enabled=true does not work with precision.mode=fp16: DeepSpeed's global "
                 "loss scaler would never learn about the steps the exchange skips. Use precision.mode=bf16, "
@@ -462,10 +480,6 @@ class DistributedConfig:
         _check(self.scheme != "paper" or not self.offload_optimizer,
                "distributed.scheme=paper averages DeepSpeed's on-device gradient partitions between machines; "
                "set distributed.offload_optimizer=false")
-        _check(self.scheme != "paper" or not self.powersgd.enabled,
-               "distributed.scheme=paper with distributed.powersgd.enabled=true: compressing the ZeRO-3 partitions "
-               "between machines is not built yet (the partitions are averaged uncompressed); set "
-               "distributed.powersgd.enabled=false")
         _check(not (self.offload_optimizer and self.zero_stage == 0),
                "distributed.offload_optimizer needs zero_stage >= 1")
 
@@ -552,7 +566,7 @@ class Config:
                "precision.bf16_state=true with distributed.offload_optimizer=true needs DeepSpeed's CPU Adam "
                "storing bf16 moments; set distributed.offload_optimizer=false")
         if self.distributed.powersgd.enabled:
-            problem = powersgd_refusal(self.distributed.zero_stage, self.precision.mode)
+            problem = powersgd_refusal(self.distributed.zero_stage, self.precision.mode, self.distributed.scheme)
             _check(not problem, problem)
 
     # ---- serialisation ----

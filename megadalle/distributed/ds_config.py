@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,30 @@ def build_ds_config(cfg: Config, train: TrainConfig, world_size: int | None) -> 
     out["steps_per_print"] = _NEVER
     out["wall_clock_breakdown"] = False
     return out
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per element of what DeepSpeed's ZeRO-3 optimizer keeps for each parameter partition."""
+
+    weights: int  # the model's (16-bit in bf16/fp16) partition
+    master: int  # the optimizer's copy (fp32, or bf16 with bf16_master_weights_and_grads)
+    grads: int  # grad_partitions_flat_buffer (the model's dtype unless data_types.grad_accum_dtype)
+    moments: int  # Adam's m and v together
+
+
+def zero3_state_bytes(ds: dict[str, Any]) -> StateBytes:
+    """What `deepspeed.initialize` with this dict holds, read off the dict itself, so that `megadalle
+    plan` predicts the configured run and not a formula kept beside it. Measured on DeepSpeed 0.19
+    (test_paper_powersgd.py): the master copy is a tensor of its own even when its dtype equals the
+    model's (stage3.py means to share it when the devices match, but compares a torch.device with
+    a string, which is never equal)."""
+    low = 2 if ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled") else 4
+    bf16 = ds.get("bf16", {})
+    accum = ds.get("data_types", {}).get("grad_accum_dtype")
+    return StateBytes(weights=low, master=2 if bf16.get("bf16_master_weights_and_grads") else 4,
+                      grads={"fp32": 4, "bf16": 2, "fp16": 2}.get(accum, low),
+                      moments=4 if bf16.get("bf16_optimizer_states") else 8)
 
 
 # Keys of DeepSpeed's JSON that the typed config decides: path -> typed name (for messages).

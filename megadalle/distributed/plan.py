@@ -207,6 +207,64 @@ def paper_memory(c: ParamCounts, act: Activations, gpus_per_node: int, error_buf
                   transient=(2 * wm + gm) * c.largest_block, act_checkpointed=act.checkpointed, act_full=act.full)
 
 
+@dataclass(frozen=True)
+class SchemeTraffic:
+    inter: float  # per GPU per step between machines: PowerSGD's P and Q plus the fp32 rest
+    inter_matrices: float  # of which the compressed matrices' P and Q
+    inter_matrices_uncompressed: float  # what those matrices would send uncompressed (fp32)
+    intra: float  # DeepSpeed's all-gathers (forward and backward) and reduce-scatter inside a machine
+    rank_per_gpu: int
+
+
+def configured_scheme(cfg: Config, act: Activations, counts: ParamCounts, nodes: int,
+                      gpus_per_node: int) -> tuple[Memory, SchemeTraffic]:
+    """distributed.scheme=paper as megadalle runs it, from the code that configures the run: the
+    DeepSpeed dict `build_ds_config` writes (ds_config.zero3_state_bytes: the dtype of each state
+    DeepSpeed keeps) and the partitions and matrix views `partition_powersgd` compresses (error
+    buffers, bytes sent). Per GPU: the largest of the L local indices."""
+    import torch
+
+    from megadalle.distributed.ds_config import build_ds_config, zero3_state_bytes
+    from megadalle.distributed.partition_powersgd import param_specs, partition_shards, slots
+    from megadalle.distributed.powersgd import default_rank, error_dtype, shard_rank
+    from megadalle.transformer.model import DALLETransformer
+
+    L, M = gpus_per_node, nodes
+    scfg = cfg.replace(**{"distributed.scheme": "paper", "distributed.zero_stage": 3,
+                          "distributed.offload_optimizer": False})
+    ds = build_ds_config(scfg, scfg.train, None)
+    sb = zero3_state_bytes(ds)
+    with torch.device("meta"):
+        model = DALLETransformer(scfg.transformer)
+    pcfg = scfg.distributed.powersgd
+    slot_list = slots(param_specs(model, list(model.parameters()), list(pcfg.uncompressed)), L)
+    per_rank = sum(s.partition_numel for s in slot_list)
+    compress = pcfg.enabled and M > 1
+    s_rank = shard_rank(pcfg.rank or default_rank(scfg.transformer.dim), L)
+    err_size = torch.empty(0, dtype=error_dtype(scfg.distributed)).element_size()
+    worst = (0, 0, 0)  # (error numbers, numbers sent for the matrices, dense numbers)
+    for loc in range(L):
+        shards, dense, _ = partition_shards(slot_list, L, loc, s_rank, compress)
+        worst = max(worst, (sum(sh.rows * sh.cols for sh in shards),
+                            sum((sh.rows + sh.cols) * sh.rank for sh in shards), sum(hi - lo for lo, hi in dense)))
+    err, sent, dense_n = worst
+    # Transient: two gathered resblocks (running, prefetched) and one resblock's full gradient, as
+    # in zero_memory, plus the copy of one optimizer sub-group's gradients that DeepSpeed's step makes
+    # (stage3._prepare_fp32_grad_for_sub_group; sub_group_size elements at most).
+    sub_group = min(per_rank, int(ds["zero_optimization"].get("sub_group_size", 10 ** 9)))  # DeepSpeed's default
+    transient = (2 * sb.weights + sb.grads) * counts.largest_block + sb.master * sub_group
+    memory = Memory("deepspeed", params=sb.weights * per_rank, grads=sb.grads * per_rank,
+                    optimizer=(sb.master + sb.moments) * per_rank, error_buffer=err_size * err,
+                    transient=transient, act_checkpointed=act.checkpointed, act_full=act.full)
+    fp32 = 4  # P, Q and the rest cross machines in fp32
+    inter_matrices = 2 * _ring(M) * fp32 * sent
+    inter = inter_matrices + 2 * _ring(M) * fp32 * dense_n if compress else 2 * _ring(M) * sb.grads * per_rank
+    traffic_ = SchemeTraffic(inter=inter, inter_matrices=inter_matrices if compress else 0.0,
+                             inter_matrices_uncompressed=2 * _ring(M) * fp32 * err,
+                             intra=_ring(L) * (2 * sb.weights + sb.grads) * counts.total, rank_per_gpu=s_rank)
+    return memory, traffic_
+
+
 # --------------------------------------------------------------------------------------------
 # Traffic per step
 # --------------------------------------------------------------------------------------------
@@ -287,7 +345,8 @@ def build_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory: int, res
     rank = cfg.distributed.powersgd.rank or default_rank(t.dim)
     comm = traffic(counts, t, nodes, gpus_per_node, rank)
     budget = gpu_memory - reserve
-    chosen = rows[cfg.distributed.zero_stage]
+    scheme, scheme_traffic = configured_scheme(cfg, act, counts, nodes, gpus_per_node)
+    chosen = scheme if cfg.distributed.scheme == "paper" else rows[cfg.distributed.zero_stage]
     ckpt = cfg.distributed.activation_checkpointing
     chosen_total = chosen.total_checkpointed if ckpt else chosen.total_full
     return {
@@ -300,9 +359,14 @@ def build_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory: int, res
         "paper": asdict(paper) | {"total_checkpointed": paper.total_checkpointed, "total_full": paper.total_full,
                                   "error_buffer_bytes": error_buffer_bytes},
         "traffic": asdict(comm),
-        "configured": {"zero_stage": cfg.distributed.zero_stage, "activation_checkpointing": ckpt,
+        "configured": {"zero_stage": cfg.distributed.zero_stage, "scheme": cfg.distributed.scheme,
+                       "activation_checkpointing": ckpt,
                        "total": chosen_total, "fits": chosen_total <= budget},
         "paper_fits": paper.total_checkpointed <= budget,
+        "scheme": asdict(scheme) | {"total_checkpointed": scheme.total_checkpointed, "total_full": scheme.total_full,
+                                    "persistent": scheme.params + scheme.grads + scheme.optimizer + scheme.error_buffer},
+        "scheme_traffic": asdict(scheme_traffic),
+        "scheme_fits": scheme.total_checkpointed <= budget,
     }
 
 
@@ -346,9 +410,23 @@ def format_plan(plan: dict[str, Any]) -> str:
         "",
     ]
     c = plan["configured"]
-    lines.append(f"configured plan (distributed.zero_stage={c['zero_stage']}, activation checkpointing "
+    lines.append(f"configured plan (distributed.scheme={c['scheme']}, zero_stage={c['zero_stage']}, activation checkpointing "
                  f"{'on' if c['activation_checkpointing'] else 'off'}): {c['total'] / GiB:.2f} GiB per GPU -> "
                  f"{'fits' if c['fits'] else 'does NOT fit'}")
     lines.append(f"paper's scheme with activation checkpointing: {plan['paper']['total_checkpointed'] / GiB:.2f} GiB "
                  f"per GPU -> {'fits' if plan['paper_fits'] else 'does NOT fit'}")
+    sc, st = plan["scheme"], plan["scheme_traffic"]
+    lines += [
+        "",
+        "distributed.scheme=paper as megadalle runs it (DeepSpeed ZeRO-3 inside each machine, PowerSGD between "
+        "machines; from the DeepSpeed config and partition layout the run itself uses), GiB per GPU:",
+        f"  weights {_gib(sc['params']).strip()}, gradient partition {_gib(sc['grads']).strip()}, master + Adam "
+        f"{_gib(sc['optimizer']).strip()}, error buffers {_gib(sc['error_buffer']).strip()}, transient "
+        f"{_gib(sc['transient']).strip()}, activations (ckpt) {_gib(sc['act_checkpointed']).strip()} -> "
+        f"{sc['total_checkpointed'] / GiB:.2f} GiB: {'fits' if plan['scheme_fits'] else 'does NOT fit'}",
+        f"  between machines per GPU per step: {gb(st['inter'])} (matrices {gb(st['inter_matrices']).strip()} "
+        f"at rank {st['rank_per_gpu']} per GPU, "
+        f"{100 * st['inter_matrices'] / max(st['inter_matrices_uncompressed'], 1):.1f}% of their uncompressed "
+        f"{gb(st['inter_matrices_uncompressed']).strip()}); inside the machine {gb(st['intra']).strip()}",
+    ]
     return "\n".join(lines)

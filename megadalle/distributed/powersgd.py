@@ -107,6 +107,43 @@ def orthogonalise(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return q
 
 
+def draw_q(seed: int, param_index: int, local_index: int, cols: int, rank: int,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fixed Gaussian Q [cols, rank] of one shard. Same (seed, parameter, local index) -> same Q
+    on every machine, so the all-reduced P = sum_m E_m Q is the projection of the summed errors."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + param_index) * 1_009 + local_index)
+    return torch.randn(cols, rank, generator=gen).to(device)  # (b, s)
+
+
+def low_rank_round(errors: list[torch.Tensor], qs: list[torch.Tensor], comm: Comm, machines: int,
+                   eps: float) -> list[torch.Tensor]:
+    """One PowerSGD round between machines on error-fed matrices E_j [a_j, b_j] (E += G done).
+
+    P = E Q; all-reduce P; P = orth(P); Q' = E^T P; all-reduce Q'; U = P Q'^T / M (the machines'
+    mean gradient projected on P); E -= U. Returns the U_j (fp32). Two all-reduces for all the
+    matrices together. Products run in fp32 whatever the error buffers' dtype (16-bit buffers
+    only store the values).
+    """
+    p_flat = torch.cat([(e.float() @ q).reshape(-1) for e, q in zip(errors, qs)])  # sum_j a_j s_j
+    comm.all_reduce(p_flat, "inter", "powersgd.p")
+    ps, off = [], 0
+    for e, q in zip(errors, qs):
+        a, s = e.shape[0], q.shape[1]
+        ps.append(orthogonalise(p_flat[off:off + a * s].view(a, s), eps))  # (a, s)
+        off += a * s
+    q_flat = torch.cat([(e.float().T @ p).reshape(-1) for e, p in zip(errors, ps)])  # sum_j b_j s_j
+    comm.all_reduce(q_flat, "inter", "powersgd.q")
+    updates, off = [], 0
+    for e, p, q0 in zip(errors, ps, qs):
+        b, s = q0.shape
+        q = q_flat[off:off + b * s].view(b, s)  # (b, s), summed over machines
+        off += b * s
+        update = p @ q.T / machines  # (a, b)
+        e.sub_(update.to(e.dtype))
+        updates.append(update)
+    return updates
+
+
 @dataclass
 class _Shard:
     """One compressed parameter's shard for one local index, located in that index's chunk."""
@@ -146,9 +183,10 @@ class Layout:
     chunk: int  # padded chunk size (every chunk has the same size for the collectives)
 
 
-def _is_plain(name: str, param: nn.Parameter, embedding_params: set[int], patterns: list[str]) -> bool:
-    return (param.dim() < 2 or id(param) in embedding_params
-            or any(fnmatch.fnmatch(name, pat) for pat in patterns))
+def is_plain(name: str, ndim: int, embedding: bool, patterns: list[str]) -> bool:
+    """Sent uncompressed in fp32: embeddings, gains and biases (< 2 dims), and `patterns` (the
+    unembeddings), as the paper does."""
+    return ndim < 2 or embedding or any(fnmatch.fnmatch(name, pat) for pat in patterns)
 
 
 def build_layout(model: nn.Module, gpus_per_node: int, rank_per_shard: int,
@@ -160,7 +198,7 @@ def build_layout(model: nn.Module, gpus_per_node: int, rank_per_shard: int,
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if _is_plain(name, p, embedding_params, uncompressed):
+        if is_plain(name, p.dim(), id(p) in embedding_params, uncompressed):
             plain.append((name, p))
             continue
         rows, cols = p.shape[0], p[0].numel()
@@ -260,102 +298,12 @@ def _set_grad(p: nn.Parameter, value: torch.Tensor, scale: float) -> None:
         p.grad.copy_(value)
 
 
-@dataclass
-class PowerSGDExchange:
-    """The GradientHook of docs/DESIGN.md: call `after_backward(model)` after the last micro-batch's
-    backward and before the optimizer step; skip the step when it returns False.
-
-    With `compress=False` the same hierarchical exchange runs uncompressed (reduce-scatter, fp32
-    all-reduce across machines, all-gather): plain data parallelism, with per-level byte counts.
+class ErrorFeedbackState:
+    """Checkpointing of the PowerSGD error buffers, shared by the ZeRO 0/1 exchange below and the
+    ZeRO-3 partition exchange (partition_powersgd.py). A subclass has `error` (this rank's buffers,
+    flat), `comm`, `L`, `M`, `loc`, `rank`, `rank_per_shard`, `compressing`, `device`, `steps`,
+    `skipped` and `_signature()` (what the buffers are: names and shapes, to refuse another model).
     """
-
-    model: nn.Module
-    comm: Comm
-    rank: int  # the paper's r for a whole matrix; each shard uses shard_rank(rank, L)
-    compress: bool = True
-    seed: int = 0
-    eps: float = 1e-6
-    uncompressed: list[str] = field(default_factory=list)
-    rank_per_shard: int = 0  # 0: shard_rank(rank, L)
-    steps: int = 0
-    skipped: int = 0
-
-    def __post_init__(self) -> None:
-        g = self.comm.groups
-        self.L, self.M, self.loc = g.gpus_per_node, g.machines, g.local_index
-        self.rank_per_shard = self.rank_per_shard or shard_rank(self.rank, self.L)
-        # One machine: nothing crosses the network, so compression would only lose accuracy.
-        self.compressing = self.compress and self.M > 1
-        self.layout = build_layout(self.model, self.L, self.rank_per_shard, self.uncompressed, self.compressing)
-        self._mine = [sh for sh in self.layout.shards[self.loc] if sh.rank > 0]
-        # Buffers live where the gradients are (NCCL collectives need CUDA tensors).
-        self.device = next(self.model.parameters()).device
-        self.error = torch.zeros(self.layout.compressed_numel[self.loc], device=self.device)  # this rank's E
-        self._q = [self._draw_q(sh) for sh in self._mine]  # Q [b, s], fixed for the whole run
-        self._buf = torch.zeros(self.L * self.layout.chunk, device=self.device)  # packed gradients [L * chunk]
-        self._chunk = torch.zeros(self.layout.chunk, device=self.device)
-
-    # ---- set-up ----
-    def _draw_q(self, sh: _Shard) -> torch.Tensor:
-        # Same (seed, parameter, local index) -> same Q on every machine, so the all-reduced P = sum E Q
-        # is the projection of the summed errors.
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + sh.param_index) * 1_009 + self.loc)
-        return torch.randn(sh.cols, sh.rank, generator=gen).to(self.device)  # (b, s)
-
-    def _error_view(self, j: int) -> torch.Tensor:
-        sh = self._mine[j]
-        return self.error[sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols)  # (a, b)
-
-    # ---- the exchange ----
-    @torch.no_grad()
-    def after_backward(self, model: Any = None, grad_scale: float = 1.0) -> bool:
-        """Average every gradient over all ranks in place (compressed across machines).
-
-        `grad_scale`: a loss scale the gradients still carry; the error buffers hold unscaled values.
-        Returns False (on every rank) when a gradient anywhere was non-finite; the gradients are
-        then zeroed so the next accumulation starts clean.
-        """
-        lay = self.layout
-        pack(lay, [m.param.grad for m in lay.matrices], [p.grad for _, p in lay.plain], self._buf, 1.0 / grad_scale)
-        chunk = self._chunk
-        self.comm.reduce_scatter(chunk, self._buf, "intra", "grad.reduce_scatter")
-        chunk.div_(self.L)  # (chunk,) machine-averaged gradient of this rank's shards
-        if self.comm.any_everywhere(not bool(torch.isfinite(chunk).all()), "nonfinite", self.device):
-            for p in [m.param for m in lay.matrices] + [p for _, p in lay.plain]:
-                if p.grad is not None:
-                    p.grad.zero_()
-            self.skipped += 1
-            return False
-        start = lay.compressed_numel[self.loc] if self.compressing else 0
-        if self.compressing and self._mine:
-            self._compressed_exchange(chunk)
-        tail = chunk[start:]  # (chunk - start,) dense: plain slice, incompressible shards, padding
-        self.comm.all_reduce(tail, "inter", "dense" if self.compressing else "grad.all_reduce")
-        tail.div_(self.M)
-        self.comm.all_gather(self._buf, chunk, "intra", "grad.all_gather")
-        unpack(lay, self._buf, grad_scale)
-        self.steps += 1
-        return True
-
-    def _compressed_exchange(self, chunk: torch.Tensor) -> None:
-        n = self.layout.compressed_numel[self.loc]
-        self.error.add_(chunk[:n])  # E += G
-        errs = [self._error_view(j) for j in range(len(self._mine))]
-        p_flat = torch.cat([(e @ q).reshape(-1) for e, q in zip(errs, self._q)])  # sum_j a_j s_j
-        self.comm.all_reduce(p_flat, "inter", "powersgd.p")
-        ps, off = [], 0
-        for sh in self._mine:
-            ps.append(orthogonalise(p_flat[off:off + sh.rows * sh.rank].view(sh.rows, sh.rank), self.eps))  # (a, s)
-            off += sh.rows * sh.rank
-        q_flat = torch.cat([(e.T @ p).reshape(-1) for e, p in zip(errs, ps)])  # sum_j b_j s_j
-        self.comm.all_reduce(q_flat, "inter", "powersgd.q")
-        off = 0
-        for sh, e, p in zip(self._mine, errs, ps):
-            q = q_flat[off:off + sh.cols * sh.rank].view(sh.cols, sh.rank)  # (b, s), summed over machines
-            off += sh.cols * sh.rank
-            update = p @ q.T / self.M  # (a, b): the machines' mean, projected on P
-            e.sub_(update)
-            chunk[sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols).copy_(update)
 
     # ---- checkpointing (collective: every rank calls these, each with its own state) ----
     def state_dict(self) -> dict[str, Any]:
@@ -364,16 +312,13 @@ class PowerSGDExchange:
         The error buffers are summed over machines (one all-reduce across); only machine 0's ranks
         keep the sum (one copy per local index, the paper's layout), the others store None.
         """
-        err_sum = self.error.clone()  # (compressed numel of this local index,)
+        err_sum = self.error.to(torch.float32, copy=True)  # (compressed numel of this local index,)
         self.comm.all_reduce(err_sum, "inter", "state.error_sum")
         return {"version": 1, "gpus_per_node": self.L, "machines": self.M, "local_index": self.loc,
                 "rank": self.rank, "rank_per_shard": self.rank_per_shard, "compress": self.compressing,
                 "shards": self._signature(),
                 "error_sum": err_sum.cpu() if self.comm.groups.machine == 0 else None,
                 "steps": self.steps, "skipped": self.skipped}
-
-    def _signature(self) -> list[list[Any]]:
-        return [[self.layout.matrices[sh.param_index].name, sh.rows, sh.cols] for sh in self._mine]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from per-rank entries: machine 0's rank of each local index broadcasts the summed
@@ -417,11 +362,105 @@ class PowerSGDExchange:
         return ""
 
 
+
+@dataclass
+class PowerSGDExchange(ErrorFeedbackState):
+    """The GradientHook of docs/DESIGN.md: call `after_backward(model)` after the last micro-batch's
+    backward and before the optimizer step; skip the step when it returns False.
+
+    With `compress=False` the same hierarchical exchange runs uncompressed (reduce-scatter, fp32
+    all-reduce across machines, all-gather): plain data parallelism, with per-level byte counts.
+    """
+
+    model: nn.Module
+    comm: Comm
+    rank: int  # the paper's r for a whole matrix; each shard uses shard_rank(rank, L)
+    compress: bool = True
+    seed: int = 0
+    eps: float = 1e-6
+    uncompressed: list[str] = field(default_factory=list)
+    rank_per_shard: int = 0  # 0: shard_rank(rank, L)
+    error_dtype: torch.dtype = torch.float32
+    steps: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        g = self.comm.groups
+        self.L, self.M, self.loc = g.gpus_per_node, g.machines, g.local_index
+        self.rank_per_shard = self.rank_per_shard or shard_rank(self.rank, self.L)
+        # One machine: nothing crosses the network, so compression would only lose accuracy.
+        self.compressing = self.compress and self.M > 1
+        self.layout = build_layout(self.model, self.L, self.rank_per_shard, self.uncompressed, self.compressing)
+        self._mine = [sh for sh in self.layout.shards[self.loc] if sh.rank > 0]
+        # Buffers live where the gradients are (NCCL collectives need CUDA tensors).
+        self.device = next(self.model.parameters()).device
+        self.error = torch.zeros(self.layout.compressed_numel[self.loc], device=self.device,
+                                 dtype=self.error_dtype)  # this rank's E
+        self._q = [self._draw_q(sh) for sh in self._mine]  # Q [b, s], fixed for the whole run
+        self._buf = torch.zeros(self.L * self.layout.chunk, device=self.device)  # packed gradients [L * chunk]
+        self._chunk = torch.zeros(self.layout.chunk, device=self.device)
+
+    # ---- set-up ----
+    def _draw_q(self, sh: _Shard) -> torch.Tensor:
+        return draw_q(self.seed, sh.param_index, self.loc, sh.cols, sh.rank, self.device)
+
+    def _error_view(self, j: int) -> torch.Tensor:
+        sh = self._mine[j]
+        return self.error[sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols)  # (a, b)
+
+    # ---- the exchange ----
+    @torch.no_grad()
+    def after_backward(self, model: Any = None, grad_scale: float = 1.0) -> bool:
+        """Average every gradient over all ranks in place (compressed across machines).
+
+        `grad_scale`: a loss scale the gradients still carry; the error buffers hold unscaled values.
+        Returns False (on every rank) when a gradient anywhere was non-finite; the gradients are
+        then zeroed so the next accumulation starts clean.
+        """
+        lay = self.layout
+        pack(lay, [m.param.grad for m in lay.matrices], [p.grad for _, p in lay.plain], self._buf, 1.0 / grad_scale)
+        chunk = self._chunk
+        self.comm.reduce_scatter(chunk, self._buf, "intra", "grad.reduce_scatter")
+        chunk.div_(self.L)  # (chunk,) machine-averaged gradient of this rank's shards
+        if self.comm.any_everywhere(not bool(torch.isfinite(chunk).all()), "nonfinite", self.device):
+            for p in [m.param for m in lay.matrices] + [p for _, p in lay.plain]:
+                if p.grad is not None:
+                    p.grad.zero_()
+            self.skipped += 1
+            return False
+        start = lay.compressed_numel[self.loc] if self.compressing else 0
+        if self.compressing and self._mine:
+            self._compressed_exchange(chunk)
+        tail = chunk[start:]  # (chunk - start,) dense: plain slice, incompressible shards, padding
+        self.comm.all_reduce(tail, "inter", "dense" if self.compressing else "grad.all_reduce")
+        tail.div_(self.M)
+        self.comm.all_gather(self._buf, chunk, "intra", "grad.all_gather")
+        unpack(lay, self._buf, grad_scale)
+        self.steps += 1
+        return True
+
+    def _signature(self) -> list[list[Any]]:
+        return [[self.layout.matrices[sh.param_index].name, sh.rows, sh.cols] for sh in self._mine]
+
+    def _compressed_exchange(self, chunk: torch.Tensor) -> None:
+        n = self.layout.compressed_numel[self.loc]
+        self.error.add_(chunk[:n])  # E += G
+        updates = low_rank_round([self._error_view(j) for j in range(len(self._mine))], self._q, self.comm,
+                                 self.M, self.eps)
+        for sh, update in zip(self._mine, updates):
+            chunk[sh.offset:sh.offset + sh.numel].view(sh.rows, sh.cols).copy_(update)
+
+
 def build_exchange(model: nn.Module, cfg: DistributedConfig, d_model: int, comm: Comm) -> PowerSGDExchange:
     """The exchange from the config; `rank` 0 means the paper's rank scaled to d_model."""
     pcfg = cfg.powersgd
     return PowerSGDExchange(model, comm, rank=pcfg.rank or default_rank(d_model), compress=pcfg.enabled,
-                            seed=pcfg.seed, eps=pcfg.orth_eps, uncompressed=list(pcfg.uncompressed))
+                            seed=pcfg.seed, eps=pcfg.orth_eps, uncompressed=list(pcfg.uncompressed),
+                            error_dtype=error_dtype(cfg))
+
+
+def error_dtype(cfg: DistributedConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.powersgd.resolved_error_dtype(cfg.scheme)]
 
 
 # --------------------------------------------------------------------------------------------

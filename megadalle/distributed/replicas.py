@@ -29,8 +29,9 @@ Checkpoints: every machine holds the same shards, so only machine 0 writes DeepS
 same names on every machine would otherwise be written M times over); every machine reads them on
 resume. Our per-rank files (RNG, data position) are still written by every rank.
 
-This step averages the partitions uncompressed. PowerSGD on the partitions (the paper compresses
-what crosses machines), 16-bit master state and a sharded EMA are the next steps.
+With distributed.powersgd.enabled the partitions cross machines compressed instead
+(partition_powersgd.py); precision.bf16_state keeps weights, gradients and Adam moments in 16
+bits (DeepSpeed's bf16 master options), and the EMA is sharded like the parameters (trainer.py).
 """
 
 from __future__ import annotations
@@ -122,8 +123,15 @@ class ReplicaAverage:
         pass
 
 
-def attach(engine: Any) -> ReplicaAverage:
+def attach(engine: Any, cfg: Config) -> Any:
+    """The scheme's gradient hook: the plain average, or PowerSGD on the partitions
+    (distributed.powersgd.enabled; partition_powersgd.py)."""
     mpu = getattr(engine, "mpu", None)
     if not isinstance(mpu, MachineParallelism):
         raise ConfigError("distributed.scheme=paper: the engine was not built with the machine groups")
-    return ReplicaAverage(engine, mpu.groups)
+    average = ReplicaAverage(engine, mpu.groups)  # checks the engine is DeepSpeed's ZeRO-3 optimizer
+    if not cfg.distributed.powersgd.enabled:
+        return average
+    from megadalle.distributed.partition_powersgd import PartitionPowerSGD
+
+    return PartitionPowerSGD(engine, mpu.groups, cfg)

@@ -239,14 +239,17 @@ class Trainer:
             dist.install_activation_checkpointing(model, self.cfg.distributed.checkpoint_every_k,
                                                   self.cfg.distributed.checkpoint_impl)
         self.engine = dist.build_engine(model, self.cfg, self.tcfg, self.deepspeed_config, self.section)
-        if self.cfg.distributed.powersgd.enabled:  # PowerSGD takes over DeepSpeed's gradient reduction
+        if self.cfg.distributed.scheme == "paper":  # machines average (or compress) their ZeRO-3 partitions
+            from megadalle.distributed import replicas
+
+            hook = replicas.attach(self.engine, self.cfg)
+            if self.is_main and hasattr(hook, "describe"):
+                print(hook.describe())
+            self.gradient_hook = dist.HookChain(self.gradient_hook, hook)
+        elif self.cfg.distributed.powersgd.enabled:  # PowerSGD takes over DeepSpeed's gradient reduction
             from megadalle.distributed import powersgd
 
             self.gradient_hook = dist.HookChain(self.gradient_hook, powersgd.attach(self.engine, self.cfg))
-        if self.cfg.distributed.scheme == "paper":  # machines average their ZeRO-3 gradient partitions
-            from megadalle.distributed import replicas
-
-            self.gradient_hook = dist.HookChain(self.gradient_hook, replicas.attach(self.engine))
         self._seed(self.tcfg.seed + 1000 * (self.rank + 1))
         self.data = self.build_data()
         self.val_data = self.build_val_data()
