@@ -103,16 +103,12 @@ def test_latest_pointing_to_missing_checkpoint(trained, tmp_path):
 
 def test_mismatched_runs_are_refused(trained, tmp_path):
     run = _copy_run(trained, tmp_path / "run")
-    with pytest.raises(CheckpointError, match="zero_stage=0 and this run uses 1"):
+    # Another ZeRO stage or number of ranks goes through DeepSpeed's universal checkpoint
+    # (test_elastic_resume.py), except to and from ZeRO-0, which writes no ZeRO files.
+    with pytest.raises(CheckpointError, match="between ZeRO-0 and ZeRO 1-3 is not supported"):
         _resume(run, **{"distributed.zero_stage": 1})
     with pytest.raises(CheckpointError, match="precision.mode=fp32 and this run uses bf16"):
         _resume(run, **{"precision.mode": "bf16"})
-    meta_path = _ckpts(run) / "step_00000006" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["world_size"] = 2
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="written by 2 ranks and this run has 1"):
-        _resume(run)
 
 
 def test_different_model_config_is_refused(trained, tmp_path):

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from megadalle.config import Config, load_config  # noqa: E402
+from megadalle.training.striped_stream import StripedPosition  # noqa: E402
 from megadalle.training.trainer import Trainer  # noqa: E402
 
 VOCAB = 32
@@ -61,8 +62,9 @@ class ToyModel(nn.Module):
         return self.head(h).float()  # (batch, seq, vocab) logits in fp32
 
 
-class ToyStream:
-    """Deterministic samples; global sample i goes to rank i % world; resumable by position."""
+class ToyStream(StripedPosition):
+    """Deterministic samples; global sample i goes to rank i % world; resumable by position (global:
+    another number of ranks may continue it)."""
 
     def __init__(self, batch: int, rank: int, world: int, seed: int = 0) -> None:
         self.batch, self.rank, self.world, self.seed = batch, rank, world, seed
@@ -79,11 +81,6 @@ class ToyStream:
             self.position += 1
             yield {"x": x, "y": (x * 3 + 1) % VOCAB}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state["position"])
 
 
 class ToyTrainer(Trainer):
@@ -164,6 +161,16 @@ RUNS = {
 }
 
 
+def step_keys(stage_dir: str | Path) -> dict[int, set[str]]:
+    """step -> the sample keys every rank used in it (from --log_keys; a resumed run rewrites a step)."""
+    out: dict[int, set[str]] = {}
+    for f in sorted(Path(stage_dir).glob("keys-rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], set()).update(rec["keys"])
+    return out
+
+
 def transformer_config(run_dir: str | Path, world: int, **overrides: Any) -> Config:
     """Tiny preset on synthetic tokens; the global batch is 4 whatever the number of ranks."""
     base = {"logging.run_dir": str(run_dir), "logging.progress": False, "logging.tensorboard": False,
@@ -198,7 +205,7 @@ def pattern_tokens(tcfg, batch: int, rank: int, world: int, seed: int):
 
 
 def make_transformer_trainer(cfg: Config, step_delay: float = 0.0, pattern: bool = False, nan_step: int = 0,
-                             deepspeed_config: dict | None = None):
+                             deepspeed_config: dict | None = None, log_keys: bool = False):
     from megadalle.training.transformer_trainer import TransformerTrainer
 
     class Slowed(TransformerTrainer):
@@ -226,6 +233,9 @@ def make_transformer_trainer(cfg: Config, step_delay: float = 0.0, pattern: bool
             if step_delay:
                 time.sleep(step_delay)
             loss, metrics = super().compute_loss(model, batch)
+            if log_keys:  # which samples each step used, per rank (elastic resume tests)
+                with open(self.folder / f"keys-rank{self.rank}.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step + 1, "keys": list(batch["key"])}) + "\n")
             if self.calls == nan_step and self.rank == self.world - 1:
                 loss = loss * float("nan")
             return loss, metrics
@@ -304,6 +314,7 @@ def main() -> None:
     p.add_argument("--pattern", action="store_true", help="transformer: learnable pattern tokens")
     p.add_argument("--nan_step", type=int, default=0, help="transformer: the last rank's loss is NaN on this step")
     p.add_argument("--comms", action="store_true", help="transformer: DeepSpeed's comms logger on")
+    p.add_argument("--log_keys", action="store_true", help="transformer: write each step's sample keys per rank")
     p.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted key=value")
     a = p.parse_args()
@@ -322,7 +333,7 @@ def main() -> None:
             trainer = make_transformer_trainer(transformer_config(run_dir, world, **{**RUNS[name], **extra}),
                                                a.step_delay, a.pattern, a.nan_step,
                                                {"comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
-                                               if a.comms else None)
+                                               if a.comms else None, a.log_keys)
         summary = trainer.train()
         probe = probe_logits(trainer) if a.model == "transformer" else None
         if trainer.cfg.distributed.scheme == "paper":  # every rank says which group ZeRO shards over

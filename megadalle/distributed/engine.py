@@ -342,8 +342,9 @@ def resolve_ds_config(cfg: Config, train: TrainConfig, world: int, user_config: 
 
 
 def build_engine(model: nn.Module, cfg: Config, train: TrainConfig, user_config: str | dict | None = None,
-                 section: str = "train") -> Any:
-    """`deepspeed.initialize` for `model` under the typed config; returns the DeepSpeed engine."""
+                 section: str = "train", load_universal: bool = False) -> Any:
+    """`deepspeed.initialize` for `model` under the typed config; returns the DeepSpeed engine.
+    `load_universal`: the engine will load a universal checkpoint (training/elastic.py)."""
     import deepspeed
 
     world = world_size()
@@ -361,6 +362,8 @@ def build_engine(model: nn.Module, cfg: Config, train: TrainConfig, user_config:
                                user_config, section)
     else:
         ds = resolve_ds_config(cfg, train, world, user_config, section)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     on_cuda = torch.cuda.is_available()
     if on_cuda:
         model = model.cuda()

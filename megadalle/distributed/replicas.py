@@ -94,6 +94,8 @@ def machine_parallelism(cfg: Config) -> MachineParallelism:
 class ReplicaAverage:
     """GradientHook: average each rank's ZeRO-3 gradient partition over the machines."""
 
+    elastic = True  # carries nothing between steps: any number of ranks may resume it
+
     def __init__(self, engine: Any, groups: TwoLevelGroups) -> None:
         buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
         if engine.zero_optimization_stage() != 3 or buffer is None:

@@ -339,18 +339,14 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ---- load ----
-    def check_compatible(self, ckpt: Path, config: Config, model_sections: tuple[str, ...], zero_stage: int) -> dict:
+    def check_compatible(self, ckpt: Path, config: Config, model_sections: tuple[str, ...], zero_stage: int,
+                         topology_may_change: bool = False) -> dict:
+        """meta.json of `ckpt` after checking it fits this run. `topology_may_change`: another number of
+        ranks or ZeRO stage is the caller's business (training/elastic.py)."""
         meta = read_meta(ckpt)
         verify_files(ckpt, meta)
-        if meta.get("world_size") != self.world:
-            raise CheckpointError(
-                f"checkpoint {ckpt} was written by {meta.get('world_size')} ranks and this run has {self.world}; "
-                f"the data position and RNG states are per rank, so resume with {meta.get('world_size')} ranks "
-                f"(or start from its weights: megadalle convert zero-to-safetensors)")
-        if meta.get("zero_stage") != zero_stage:
-            raise CheckpointError(
-                f"checkpoint {ckpt} was written with distributed.zero_stage={meta.get('zero_stage')} and this run "
-                f"uses {zero_stage}; resume with --distributed.zero_stage={meta.get('zero_stage')}")
+        if not topology_may_change:
+            self._check_topology(ckpt, meta, zero_stage)
         if meta.get("precision") != config.precision.mode:
             raise CheckpointError(
                 f"checkpoint {ckpt} was written with precision.mode={meta.get('precision')} and this run uses "
@@ -365,26 +361,42 @@ class CheckpointManager:
                                       f"Use the checkpoint's settings or another logging.run_dir")
         return meta
 
-    def load(self, engine: Any, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load DeepSpeed state into `engine`; returns (trainer_state, this rank's state)."""
-        rank_file = ckpt / f"rank_{self.rank:05d}.pt"
+    def _check_topology(self, ckpt: Path, meta: dict[str, Any], zero_stage: int) -> None:
+        if meta.get("world_size") != self.world:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was written by {meta.get('world_size')} ranks and this run has {self.world}; "
+                f"the data position and RNG states are per rank, so resume with {meta.get('world_size')} ranks "
+                f"(or start from its weights: megadalle convert zero-to-safetensors)")
+        if meta.get("zero_stage") != zero_stage:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was written with distributed.zero_stage={meta.get('zero_stage')} and this run "
+                f"uses {zero_stage}; resume with --distributed.zero_stage={meta.get('zero_stage')}")
+
+    def load(self, engine: Any, ckpt: Path, universal: Path | None = None,
+             rank: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load DeepSpeed state into `engine`; returns (trainer_state, the state of `rank`, this rank's
+        by default). `universal`: DeepSpeed's universal checkpoint of `ckpt` to load the engine from
+        (another number of ranks or ZeRO stage; training/elastic.py)."""
+        rank = self.rank if rank is None else rank
+        rank_file = ckpt / f"rank_{rank:05d}.pt"
         if not rank_file.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} has no state for rank {self.rank} ({rank_file.name})")
+            raise CheckpointError(f"checkpoint {ckpt} has no state for rank {rank} ({rank_file.name})")
         # Before DeepSpeed opens anything: a file naming a global outside the list is refused by name.
         safe_load.check_folder(ckpt)
         trainer_state = load_torch(ckpt / TRAINER_STATE)
         rank_state = load_torch(rank_file)
+        source = universal or ckpt
         try:
             with safe_load.weights_only_loads():  # DeepSpeed passes weights_only=False; this overrides it
-                path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True,
+                path, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_module_strict=True,
                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as e:  # noqa: BLE001 - DeepSpeed raises many types for unreadable files
             refusal = safe_load.refusal_from(ckpt, e)
             if refusal is not None:
                 raise refusal from None
-            raise CheckpointError(f"DeepSpeed could not load {ckpt} ({type(e).__name__}: {e}); the checkpoint "
+            raise CheckpointError(f"DeepSpeed could not load {source} ({type(e).__name__}: {e}); the checkpoint "
                                   f"is corrupt or from another model; resume from an earlier one with "
                                   f"checkpoint.resume=<folder>") from None
         if path is None:
-            raise CheckpointError(f"DeepSpeed found no model states in {ckpt}; the checkpoint is incomplete")
+            raise CheckpointError(f"DeepSpeed found no model states in {source}; the checkpoint is incomplete")
         return trainer_state, rank_state

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -57,9 +58,11 @@ from torch import nn
 from megadalle.config import Config, ConfigError, TrainConfig
 from megadalle.errors import CommandError
 from megadalle.distributed import engine as dist
+from megadalle.distributed import universal as dist_universal
 from megadalle.run_layout import RunLayout
 from megadalle.distributed.watchdog import TrainingGuard
-from megadalle.training.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from megadalle.training import elastic
+from megadalle.training.checkpoint import CheckpointError, CheckpointManager, load_torch, rng_state, set_rng_state
 from megadalle.training.ema import EMA
 from megadalle.training.metrics import Metrics
 from megadalle.training.run_lock import RunLock
@@ -225,6 +228,10 @@ class Trainer:
         target = self.ckpt.resume_target(self.cfg.checkpoint.resume)
         # Every rank must resume the same checkpoint (rank 0's view of the shared folder decides).
         target_name = dist.broadcast_object(str(target) if target else "")
+        # Written by another number of ranks or at another ZeRO stage: DeepSpeed must be built to load
+        # the universal checkpoint that resume() converts it to (training/elastic.py).
+        universal = bool(target_name) and elastic.needs_universal(Path(target_name), self.world,
+                                                                  self.cfg.distributed.zero_stage)
         # Same init on every rank (ZeRO-3 partitions what each rank built), then per-rank streams.
         self._seed(self.tcfg.seed)
         model = self.build_model()
@@ -238,7 +245,8 @@ class Trainer:
         if self.cfg.distributed.activation_checkpointing:
             dist.install_activation_checkpointing(model, self.cfg.distributed.checkpoint_every_k,
                                                   self.cfg.distributed.checkpoint_impl)
-        self.engine = dist.build_engine(model, self.cfg, self.tcfg, self.deepspeed_config, self.section)
+        self.engine = dist.build_engine(model, self.cfg, self.tcfg, self.deepspeed_config, self.section,
+                                        load_universal=universal)
         if self.cfg.distributed.scheme == "paper":  # machines average (or compress) their ZeRO-3 partitions
             from megadalle.distributed import replicas
 
@@ -324,8 +332,13 @@ class Trainer:
         return self.ckpt.save(self.engine, self.step, self.trainer_state(), self.rank_state(), self.cfg)
 
     def resume(self, ckpt: Path) -> None:
-        self.ckpt.check_compatible(ckpt, self.cfg, self.model_sections, self.cfg.distributed.zero_stage)
-        state, mine = self.ckpt.load(self.engine, ckpt)
+        stage = self.cfg.distributed.zero_stage
+        meta = self.ckpt.check_compatible(ckpt, self.cfg, self.model_sections, stage, topology_may_change=True)
+        change = elastic.describe_change(meta, self.world, stage)
+        if change:
+            state, mine = self._load_elsewhere(ckpt, meta, change)
+        else:
+            state, mine = self.ckpt.load(self.engine, ckpt)
         if state.get("section") != self.section:
             raise CheckpointError(f"checkpoint {ckpt} was written by the {state.get('section')} stage, "
                                   f"not {self.section}; point checkpoint.resume at this stage's checkpoints")
@@ -333,7 +346,9 @@ class Trainer:
         if isinstance(state.get("wandb_id"), str) and state["wandb_id"]:  # older checkpoints start a new W&B run
             self.wandb_id = state["wandb_id"]
         self.schedule.load_state_dict(state["schedule"])
-        if self.ema.enabled and (self.is_main or self.ema_sharded):
+        if change:
+            self._resume_ema_elsewhere(ckpt, state)
+        elif self.ema.enabled and (self.is_main or self.ema_sharded):
             saved = mine.get("ema") if self.ema_sharded else state.get("ema")
             if self.ema_sharded and not saved and (state.get("ema") or {}).get("params"):
                 # Written before the EMA was sharded: take this rank's partition of the full average.
@@ -350,8 +365,63 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {ckpt} has no gradient-hook state but this run uses "
                                       f"{type(self.gradient_hook).__name__}; resume with the same settings")
             self.gradient_hook.load_state_dict(mine["hook"])
-        set_rng_state(mine["rng"])
+        if not change:  # RNG states are per rank: another number of ranks keeps its fresh seeds (elastic.py)
+            set_rng_state(mine["rng"])
         self.resumed_from = str(ckpt)
+
+    def _load_elsewhere(self, ckpt: Path, meta: dict[str, Any], change: str) -> tuple[dict, dict]:
+        """resume() from a checkpoint of another topology: DeepSpeed's universal checkpoint for the
+        engine, rank 0's file for the global data position (training/elastic.py)."""
+        hooks = self.gradient_hook.hooks if isinstance(self.gradient_hook, dist.HookChain) else [self.gradient_hook]
+        stateful = [type(h).__name__ for h in hooks if h is not None and not getattr(h, "elastic", False)]
+        problem = elastic.refusal(meta, self.cfg.distributed.zero_stage, stateful,
+                                  bool(getattr(self.data, "elastic", False)), ckpt)
+        if problem:
+            raise CheckpointError(problem)
+        universal = None
+        if elastic.needs_universal(ckpt, self.world, self.cfg.distributed.zero_stage):
+            universal = self.ckpt.folder / f".tmp-universal-{ckpt.name}-{self.run_id}"
+            error = ""
+            if self.is_main:
+                print(f"note: {ckpt} was written by {meta['world_size']} ranks at ZeRO-{meta['zero_stage']} ({change}); "
+                      f"converting it to DeepSpeed's universal checkpoint")
+                try:
+                    dist_universal.convert(ckpt, universal)
+                except CommandError as e:
+                    error = str(e)
+            error = dist.broadcast_object(error)
+            if error:
+                raise CheckpointError(error)
+        hyperparameters = dist_universal.group_hyperparameters(self.engine)
+        try:
+            state, mine = self.ckpt.load(self.engine, ckpt, universal=universal, rank=0)
+        finally:
+            dist.barrier()
+            if self.is_main and universal is not None:
+                shutil.rmtree(universal, ignore_errors=True)
+        dist_universal.repair_after_universal_load(self.engine, hyperparameters)
+        if self.is_main:
+            print(f"resumed {ckpt} on another topology ({change}): model and optimizer through DeepSpeed's "
+                  f"universal checkpoint, the global data position, the EMA re-cut; RNG states start afresh")
+        return state, mine
+
+    def _resume_ema_elsewhere(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """The EMA of a checkpoint of another topology: whole again, then cut for this one."""
+        if not self.ema.enabled:
+            return
+        saved = dict(state.get("ema") or {})
+        if saved.get("sharded"):
+            shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()}
+            parts = [load_torch(f)["ema"]["params"] for f in elastic.sharded_ema_files(ckpt, shapes)]
+            saved["params"] = elastic.rebuild_sharded(parts, shapes)
+            saved.pop("sharded")
+        if "params" not in saved:
+            raise CheckpointError(f"checkpoint {ckpt} has no EMA state but {self.section}.ema_decay="
+                                  f"{self.tcfg.ema_decay}; resume with {self.section}.ema_decay=0")
+        if self.ema_sharded:
+            self.ema.load_state_dict({**saved, "params": dist.partition_like(self.engine, saved["params"])})
+        elif self.is_main:
+            self.ema.load_state_dict(saved)
 
     # ------------------------------------------------------------------ EMA
     @property

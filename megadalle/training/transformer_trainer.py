@@ -29,10 +29,11 @@ from torch import nn
 from megadalle.config import Config, TransformerConfig
 from megadalle.errors import CommandError, ConfigError
 from megadalle.training.sample_seeds import sample_seed, sample_uniform
+from megadalle.training.striped_stream import StripedPosition
 from megadalle.training.trainer import Trainer
 
 
-class SyntheticTokens:
+class SyntheticTokens(StripedPosition):
     """Deterministic random (text, codes) batches; global sample i goes to rank i % world."""
 
     def __init__(self, tcfg: TransformerConfig, batch: int, rank: int, world: int, seed: int) -> None:
@@ -57,11 +58,6 @@ class SyntheticTokens:
                    "codes": torch.from_numpy(np.stack([s[1] for s in samples])),
                    "key": [f"synthetic-{i}" for i in index]}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state["position"])
 
 
 def dalle_loss(cfg: TransformerConfig, text: torch.Tensor, codes: torch.Tensor, text_logits: torch.Tensor,
