@@ -1,5 +1,6 @@
 """The paper's scheme with PowerSGD between machines (distributed.scheme=paper, powersgd.enabled),
-on 4 real gloo processes run as 2 machines x 2 ranks with the tiny preset's transformer:
+on 4 real gloo processes run as 2 machines x 2 ranks with the tiny preset's transformer and the same
+transformer at width 256 (a few million parameters):
 
 - the ZeRO-3 gradient partitions cross machines compressed: the weight matrices' bytes are at
   most 20% of uncompressed at the default rank, and the rest goes uncompressed;
@@ -26,6 +27,8 @@ from trainer_toy import losses
 pytestmark = pytest.mark.slow
 
 LONG = ["train.steps=120", "train.optimizer.lr=0.003", "train.schedule.kind=cosine", "train.schedule.warmup_steps=30"]
+# "A model of a few million parameters": the tiny transformer at width 256 (3.1M in its matrices).
+WIDE = ["transformer.dim=256", "transformer.head_dim=64"]
 
 
 def _ranks(run: Path) -> dict[int, dict]:
@@ -39,16 +42,25 @@ def long_runs(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def wide_runs(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("psgd_wide")
+    _launch(run_dir, "zero3,paper_psgd", "--model", "transformer", "--pattern", *LONG, *WIDE)
+    return run_dir
+
+
 def _tail(run: Path, n: int = 5) -> float:
     got = losses(run, "transformer")
     assert sorted(got) == list(range(1, 121))
     return sum(got[k] for k in range(121 - n, 121)) / n
 
 
-def test_compressed_loss_stays_within_3_percent_of_plain_zero3(long_runs):
-    plain, compressed = _tail(long_runs / "zero3"), _tail(long_runs / "paper_psgd")
-    first = losses(long_runs / "zero3", "transformer")[1]
-    print(f"loss after 120 steps (mean of last 5): ZeRO-3 {plain:.4f}, paper+PowerSGD {compressed:.4f}, "
+@pytest.mark.parametrize("runs", ["long_runs", "wide_runs"])
+def test_compressed_loss_stays_within_3_percent_of_plain_zero3(runs, request):
+    run_dir = request.getfixturevalue(runs)
+    plain, compressed = _tail(run_dir / "zero3"), _tail(run_dir / "paper_psgd")
+    first = losses(run_dir / "zero3", "transformer")[1]
+    print(f"{runs}: loss after 120 steps (mean of last 5): ZeRO-3 {plain:.4f}, paper+PowerSGD {compressed:.4f}, "
           f"gap {compressed / plain - 1:+.2%}")
     assert plain < 0.5 * first  # it learned (from 6.2 to about 1.3)
     assert abs(compressed - plain) <= 0.03 * plain
@@ -60,9 +72,10 @@ def test_16_bit_state_stays_within_2_percent_of_fp32(long_runs):
     assert abs(b16 - fp32) <= 0.02 * fp32
 
 
-def test_matrix_bytes_between_machines_at_most_20_percent(long_runs):
+@pytest.mark.parametrize("runs", ["long_runs", "wide_runs"])
+def test_matrix_bytes_between_machines_at_most_20_percent(runs, request):
     cfg = load_config("tiny")
-    for rank, d in _ranks(long_runs / "paper_psgd").items():
+    for rank, d in _ranks(request.getfixturevalue(runs) / "paper_psgd").items():
         # The hook's per-step wire bytes; an all-reduce over 2 machines puts its whole payload on the wire.
         uncompressed = 4 * d["matrix_numel"]
         assert d["powersgd_matrix_bytes"] <= 0.20 * uncompressed, d
@@ -111,6 +124,14 @@ def test_resident_state_is_what_plan_predicts(nan_run):
         measured = sum(d["state_bytes"].values())
         assert abs(measured - plan["scheme"]["persistent"]) <= 0.10 * plan["scheme"]["persistent"], (measured, plan)
         assert d["state_bytes"]["error"] == plan["scheme"]["error_buffer"]
+
+
+@pytest.mark.parametrize("shape", [[], WIDE], ids=["tiny", "wide"])
+def test_uncompressed_scheme_equals_plain_zero3(tmp_path, shape):
+    _launch(tmp_path, "paper,zero3", "--model", "transformer", "train.steps=6", *shape)
+    got, want = losses(tmp_path / "paper", "transformer"), losses(tmp_path / "zero3", "transformer")
+    assert sorted(want) == list(range(1, 7))
+    assert all(abs(got[k] - want[k]) <= 1e-6 * abs(want[k]) for k in want), (got, want)
 
 
 def test_resume_is_exact(tmp_path):
