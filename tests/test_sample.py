@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from megadalle.cli import main
 from megadalle.errors import CommandError
 from megadalle.dvae.io import load_dvae
-from megadalle.data.images import save_png
+from megadalle.data.images import labelled_grid, save_png
 from megadalle.generate.pipeline import prompt_prefix, read_prompts, sample_caption
 from megadalle.commands.sample import load_models, sampling_config
 
@@ -47,7 +48,10 @@ def test_sample_writes_images_grid_json_and_is_deterministic(run_dir, tmp_path):
         scores = [im["score"] for im in cap["images"]]
         assert scores == sorted(scores, reverse=True)  # files are named by rank, best first
         assert all((tmp_path / "a" / im["file"]).is_file() for im in cap["images"])
-    assert (tmp_path / "a" / "grid.png").is_file()
+    # One labelled row per caption of its 2 best, 2-pixel lines between the cells.
+    with Image.open(tmp_path / "a" / "grid.png") as grid:
+        side = Image.open(tmp_path / "a" / report["captions"][0]["images"][0]["file"]).width
+        assert grid.size == (max(120, 2 * side) + 2 * (side + 2) + 2, 2 * (side + 2) + 2)
 
     def pixels(d):
         rep = json.loads((d / "samples.json").read_text())
@@ -153,3 +157,31 @@ def test_read_prompts_and_prefix_helpers(tmp_path):
         read_prompts(["  "], None)
     codes = torch.arange(16).view(4, 4)
     assert prompt_prefix(codes, 1).tolist() == [0, 1, 2, 3]
+
+
+def test_grid_labels_each_row_and_separates_the_cells():
+    h = w = 40
+    colours = [(1.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)]  # white cells must stay apart too
+    rows = [torch.tensor(c).view(1, 3, 1, 1).expand(3, 3, h, w).clone() for c in colours[:2]]
+    rows.append(torch.tensor(colours[2]).view(1, 3, 1, 1).expand(2, 3, h, w).clone())  # a short row
+    captions = ["a red circle", "x" * 200, "top-left: a small blue square to the left of a large green cross"]
+    grid = labelled_grid(rows, captions, pad=2)
+    label = 120  # max(120, 2 * w)
+    assert grid.shape == (3, 3 * (h + 2) + 2, label + 3 * (w + 2) + 2)
+    for i, colour in enumerate(colours):
+        top = 2 + i * (h + 2)
+        strip = grid[:, top:top + h, 2:label - 2]
+        assert (strip < 0.5).any(), f"row {i}: the label strip is blank"
+        assert (strip == 1.0).float().mean() > 0.5, f"row {i}: the label strip is not mostly white paper"
+        for j in range(3 if i < 2 else 2):
+            left = label + 2 + j * (w + 2)
+            cell = grid[:, top:top + h, left:left + w]
+            assert torch.equal(cell, torch.tensor(colour).view(3, 1, 1).expand(3, h, w)), (i, j)
+            # A grey line on either side of every cell, and above and below it.
+            assert torch.allclose(grid[:, top:top + h, left - 2:left], torch.tensor(128 / 255))
+            assert torch.allclose(grid[:, top:top + h, left + w:left + w + 2], torch.tensor(128 / 255))
+            assert torch.allclose(grid[:, top - 2:top, left:left + w], torch.tensor(128 / 255))
+            assert torch.allclose(grid[:, top + h:top + h + 2, left:left + w], torch.tensor(128 / 255))
+    assert torch.equal(grid[:, 2 + 2 * (h + 2):2 + 2 * (h + 2) + h, -w - 2:-2], torch.ones(3, h, w))  # padded
+    with pytest.raises(ValueError, match="one label per row"):
+        labelled_grid(rows, captions[:2])

@@ -27,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    plan = build_plan(cfg, args.nodes, args.gpus_per_node, parse_bytes(args.gpu_memory), parse_bytes(args.reserve),
-                      args.micro_batch, args.shard_group, args.error_buffer_bytes)
+    # The plan is the transformer's: in its own precision (train.precision) where it sets one.
+    plan = build_plan(cfg.for_stage("train"), args.nodes, args.gpus_per_node, parse_bytes(args.gpu_memory),
+                      parse_bytes(args.reserve), args.micro_batch, args.shard_group, args.error_buffer_bytes)
     print(format_plan(plan))
     if args.json:
         out = Path(args.json)

@@ -63,9 +63,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (16 instead of 8 bytes a parameter), and bf16's 8-bit exponent has the range that made the
     # paper scale each resblock's fp16 gradients (precision.mode=fp16_per_resblock still runs with
     # this scheme, at fp32 state). `megadalle plan --preset 12b` shows what each GPU holds.
+    # The dVAE and the reranker train in bf16 with fp32 master weights and Adam moments. The paper
+    # ran its dVAE in fp16 with the encoder's last and the decoder's first conv in fp32 (our
+    # Conv2d(fp32=True)) and says neither how it scaled that loss nor how wide the dVAE's state was;
+    # it trained no reranker (it used CLIP). 16-bit state is what lets 12B fit; ~100M-parameter
+    # models need no such saving, and the dVAE's lr decays to 1.25e-6, far below half a bf16 step of
+    # its weights (a step is 1.2e-4 at 0.02), so bf16 master weights would stop learning. bf16
+    # compute needs no loss scale and runs on CPUs and A100/H100s; V100s lack bf16: there, set
+    # dvae_train.precision.mode and clip_train.precision.mode to fp16 (one dynamic loss scale).
     "12b": {**_transformer_preset(3968, 64, 62), "precision": {"mode": "bf16", "bf16_state": True},
             "distributed": {"zero_stage": 3, "scheme": "paper", "activation_checkpointing": True,
                             "powersgd": {"enabled": True, "rank": 896}},
+            "dvae_train": {"precision": {"mode": "bf16", "bf16_state": False}},
+            "clip_train": {"precision": {"mode": "bf16", "bf16_state": False}},
             "train": {"steps": 430_000, "micro_batch_size": 1}},
 }
 

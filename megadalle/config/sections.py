@@ -307,6 +307,21 @@ class ScheduleConfig:
 
 
 @dataclass
+class StagePrecisionConfig:
+    """One training stage's own precision, over the shared `precision` section.
+
+    mode "" (default): the stage runs in `precision` as it is. Otherwise the stage runs in this mode
+    with this bf16_state, and takes the rest (loss-scale settings) from `precision`. So one config
+    holds, e.g., a transformer with bf16 state beside a dVAE and a reranker with fp32 master
+    weights, or an fp16_per_resblock transformer beside models that have no resblocks.
+    Checked in Config (which knows the stage's name); Config.for_stage(section) resolves it.
+    """
+
+    mode: str = ""  # "" | fp32 | bf16 | fp16 | fp16_per_resblock (the transformer only)
+    bf16_state: bool = False  # as precision.bf16_state; needs mode=bf16
+
+
+@dataclass
 class TrainConfig:
     """One training stage: batch arithmetic, length, optimizer, schedule, averaging."""
 
@@ -327,6 +342,8 @@ class TrainConfig:
     ema_every: int = 25  # the paper's iterate averaging: every 25 updates, on CPU
     # Stage 2 only: train on deterministic random tokens instead of shards (benchmarks, tests).
     synthetic_data: bool = False
+    # This stage's own precision (mode "" = the shared `precision` section); see StagePrecisionConfig.
+    precision: StagePrecisionConfig = field(default_factory=StagePrecisionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -527,6 +544,20 @@ class SamplingConfig:
         _check(self.top_k >= 0, "sampling.top_k must be >= 0 (0 disables)")
 
 
+TRAIN_SECTIONS = ("dvae_train", "train", "clip_train")
+PRECISION_MODES = ("fp32", "bf16", "fp16", "fp16_per_resblock")
+# Stages whose model is made of resblocks with a runner (the transformer): fp16_per_resblock scales
+# those; the dVAE's bottleneck blocks and the reranker have no runner to scale through.
+_RESBLOCK_SECTIONS = ("train",)
+_STAGE_MODELS = {"dvae_train": "the dVAE", "train": "the transformer", "clip_train": "the reranker (CLIP)"}
+
+
+def _no_resblocks(section: str, mode: str, inherited: bool = False) -> str:
+    said = f"precision.mode={mode} (which {section} inherits)" if inherited else f"{section}.precision.mode={mode}"
+    return (f"{said}: per-resblock gradient scaling needs the transformer's resblocks and {_STAGE_MODELS[section]} "
+            f"has none. Give this stage its own mode: --{section}.precision.mode=bf16 (or fp32, or fp16 on a GPU)")
+
+
 @dataclass
 class Config:
     preset: str = ""
@@ -568,6 +599,66 @@ class Config:
         if self.distributed.powersgd.enabled:
             problem = powersgd_refusal(self.distributed.zero_stage, self.precision.mode, self.distributed.scheme)
             _check(not problem, problem)
+        self._check_stage_precision()
+
+    # ---- per-stage precision ----
+    def _check_stage_precision(self) -> None:
+        """The precision rules above, for each stage that sets its own mode (messages name its keys).
+        fp16_per_resblock on a model without resblocks is refused by for_stage."""
+        for section in TRAIN_SECTIONS:
+            own = getattr(self, section).precision
+            key = f"{section}.precision"
+            if not own.mode:
+                _check(not own.bf16_state, f"{key}.bf16_state=true needs {key}.mode=bf16 as well ({key}.mode '' "
+                                           f"means: use the shared precision section, precision.bf16_state included)")
+                continue
+            _check(own.mode in PRECISION_MODES,
+                   f"{key}.mode={own.mode!r}: choose {', '.join(PRECISION_MODES)}, or '' for precision.mode")
+            _check(not own.bf16_state or own.mode == "bf16",
+                   f"{key}.bf16_state=true keeps bf16 master weights and Adam moments; it needs {key}.mode=bf16 "
+                   f"(it is {own.mode})")
+            _check(not own.bf16_state or self.distributed.zero_stage >= 1,
+                   f"{key}.bf16_state=true is a ZeRO optimizer option (DeepSpeed's bf16_master_weights_and_grads); "
+                   f"set distributed.zero_stage to 1, 2 or 3")
+            _check(not (own.bf16_state and self.distributed.offload_optimizer),
+                   f"{key}.bf16_state=true with distributed.offload_optimizer=true needs DeepSpeed's CPU Adam "
+                   f"storing bf16 moments; set distributed.offload_optimizer=false")
+            if self.distributed.powersgd.enabled:
+                problem = powersgd_refusal(self.distributed.zero_stage, own.mode, self.distributed.scheme)
+                _check(not problem, f"{key}.mode={own.mode} (this stage's precision.mode): {problem}")
+
+    def precision_for(self, section: str) -> PrecisionConfig:
+        """The precision training stage `section` runs in: `precision`, with the stage's own mode and
+        bf16_state where it sets a mode."""
+        if section not in TRAIN_SECTIONS:
+            raise ConfigError(f"unknown training section {section!r}; use {', '.join(TRAIN_SECTIONS)}")
+        own = getattr(self, section).precision
+        if not own.mode or (own.mode, own.bf16_state) == (self.precision.mode, self.precision.bf16_state):
+            return self.precision
+        return dataclasses.replace(self.precision, mode=own.mode, bf16_state=own.bf16_state)
+
+    def for_stage(self, section: str) -> "Config":
+        """This config as the trainer of `section` uses it: `precision` is that stage's own.
+
+        Everything downstream (DeepSpeed's JSON, install_precision, PowerSGD's checks, checkpoint
+        metadata) reads `cfg.precision`, so a stage trainer works on this copy. The other stages'
+        modes are written out in it, so that the copy the trainer saves in its folder and its
+        checkpoints loads back to the same precision for every stage. Returns `self` when the stage
+        runs in the shared `precision`.
+        """
+        prec = self.precision_for(section)
+        # Refused here, when the stage starts, rather than on loading: a config whose dVAE would
+        # inherit it still serves the transformer, and the copies below write every mode out.
+        if prec.mode == "fp16_per_resblock" and section not in _RESBLOCK_SECTIONS:
+            raise ConfigError(_no_resblocks(section, "fp16_per_resblock", inherited=prec is self.precision))
+        if prec is self.precision:
+            return self
+        d = self.to_dict()
+        for s in TRAIN_SECTIONS:
+            own = self.precision_for(s)
+            d[s]["precision"] = {"mode": own.mode, "bf16_state": own.bf16_state}
+        d["precision"] = dataclasses.asdict(prec)
+        return Config.from_dict(d)
 
     # ---- serialisation ----
     def to_dict(self) -> dict[str, Any]:
@@ -600,4 +691,4 @@ class Config:
         return Config.from_dict(d)
 
 
-__all__ = ["ShapesConfig", "DataConfig", "TokenizerConfig", "DVAEConfig", "ATTENTION_TYPES", "TransformerConfig", "ClipConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig", "PrecisionConfig", "PowerSGDConfig", "DistributedConfig", "CheckpointConfig", "LoggingConfig", "SamplingConfig", "Config", "powersgd_refusal"]
+__all__ = ["ShapesConfig", "DataConfig", "TokenizerConfig", "DVAEConfig", "ATTENTION_TYPES", "TransformerConfig", "ClipConfig", "OptimizerConfig", "ScheduleConfig", "StagePrecisionConfig", "TrainConfig", "PrecisionConfig", "PowerSGDConfig", "DistributedConfig", "CheckpointConfig", "LoggingConfig", "SamplingConfig", "Config", "powersgd_refusal", "TRAIN_SECTIONS", "PRECISION_MODES"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from megadalle.errors import CommandError
 
@@ -32,6 +33,56 @@ def make_grid(images: torch.Tensor, ncol: int, pad: int = 2, pad_value: float = 
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         grid[:, y:y + h, x:x + w] = images[i]
     return grid
+
+
+def labelled_grid(rows: list[torch.Tensor], labels: list[str], pad: int = 2, line: float = 0.5,
+                  label_width: int = 0) -> torch.Tensor:
+    """One row per label: the label in a white strip on the left (wrapped, cut with "..." where it
+    does not fit the row), then the row's images [k,3,H,W]; cells, rows and the strip are separated
+    by `pad`-pixel lines of grey `line`, so that white backgrounds do not run together. Short rows
+    end in white cells. -> float [3, rows*(H+pad)+pad, label_width + ncol*(W+pad)+pad] in [0,1].
+    label_width 0: max(120, 2W). The font is PIL's built-in bitmap font (no file, same pixels
+    everywhere)."""
+    if not rows or len(rows) != len(labels):
+        raise ValueError(f"labelled_grid needs one label per row, got {len(rows)} rows and {len(labels)} labels")
+    _, c, h, w = rows[0].shape
+    ncol = max(r.shape[0] for r in rows)
+    cells = torch.cat([torch.cat([r.float(), torch.ones(ncol - r.shape[0], c, h, w)]) for r in rows])
+    canvas = to_pil(make_grid(cells, ncol=ncol, pad=pad, pad_value=line))
+    label_width = label_width or max(120, 2 * w)
+    out = Image.new("RGB", (label_width + canvas.width, canvas.height), (round(line * 255),) * 3)
+    out.paste(canvas, (label_width, 0))
+    font = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+    line_h = font.getbbox("Ag")[3] + 1
+    for i, text in enumerate(labels):
+        strip = Image.new("RGB", (label_width - pad, h), "white")  # drawing is clipped to the row
+        draw = ImageDraw.Draw(strip)
+        for j, ln in enumerate(_wrap(text, lambda t: draw.textlength(t, font=font), strip.width - 4,
+                                     max(1, h // line_h))):
+            draw.text((2, 1 + j * line_h), ln, fill="black", font=font)
+        out.paste(strip, (pad, pad + i * (h + pad)))
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).float() / 255  # (3, H', W')
+
+
+def _wrap(text: str, width_of: Callable[[str], float], width: float, max_lines: int) -> list[str]:
+    """Greedy word wrap to `width` (words longer than a line are cut); past `max_lines` the last
+    line ends in "..."."""
+    lines: list[str] = []
+    for word in text.split():
+        while width_of(word) > width and len(word) > 1:  # a word wider than a line: cut it
+            n = next((k for k in range(len(word) - 1, 0, -1) if width_of(word[:k]) <= width), 1)
+            lines.append(word[:n])
+            word = word[n:]
+        if lines and width_of(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and width_of(last + "...") > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "..."]
+    return lines
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> Path:

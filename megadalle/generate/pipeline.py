@@ -20,7 +20,7 @@ import torch
 from megadalle.errors import CommandError
 from megadalle.clip.rerank import Scorer, rank
 from megadalle.config import SamplingConfig
-from megadalle.data.images import make_grid, save_png
+from megadalle.data.images import labelled_grid, save_png
 
 # A batch of captions' token ids and an optional prefix of image codes -> image codes.
 # generate(text long [B,T], prefix long [B,P] | None, generator) -> codes long [B, grid*grid]
@@ -86,8 +86,8 @@ def _slug(text: str, limit: int = 40) -> str:
 
 def write_results(results: list[CaptionResult], out_dir: str | Path, top: int, settings: dict[str, Any],
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Each image (named by rank), a grid of every caption's `top` best (one row per caption),
-    and samples.json with scores and settings. Returns the report written."""
+    """Each image (named by rank), a grid of every caption's `top` best (one row per caption,
+    labelled with it), and samples.json with scores and settings. Returns the report written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"settings": settings, "grid": "grid.png", "captions": []}
@@ -103,7 +103,7 @@ def write_results(results: list[CaptionResult], out_dir: str | Path, top: int, s
         report["captions"].append({"caption": r.caption, "top": [e["file"] for e in entries[:top]],
                                    "images": entries, **r.meta})
         rows.append(r.images[r.order[:top]])
-    save_png(make_grid(torch.cat(rows), ncol=top), out / "grid.png")
+    save_png(labelled_grid(rows, [r.caption for r in results]), out / "grid.png")
     if extra:
         report.update(extra)
     tmp = out / "samples.json.tmp"

@@ -101,7 +101,7 @@ def model_card(cfg: Any, manifest: dict[str, Any], run: RunLayout) -> str:
         f"| text | {t.text_len} tokens, vocabulary {t.text_vocab_size} |",
         f"| image | {d.image_size} px -> {t.image_grid}x{t.image_grid} tokens, {t.image_vocab_size} codes |",
         f"| training | {tr.steps} steps, micro batch {tr.micro_batch_size}, lr {tr.optimizer.lr}, "
-        f"schedule {tr.schedule.kind}, precision {cfg.precision.mode}, EMA {tr.ema_decay} |",
+        f"schedule {tr.schedule.kind}, precision {cfg.precision_for('train').mode}, EMA {tr.ema_decay} |",
         f"| reranker | {'included' if 'clip' in manifest['parts'] else 'none'} |",
     ]
     scores = run.eval / "eval.json"

@@ -24,7 +24,8 @@ class ClipTrainer(Trainer):
     export_name = "clip"
 
     def __init__(self, cfg: Config, **kwargs: Any) -> None:
-        super().__init__(cfg, section="clip_train", stage="clip", **kwargs)
+        # for_stage: the reranker may have its own precision (clip_train.precision).
+        super().__init__(cfg.for_stage("clip_train"), section="clip_train", stage="clip", **kwargs)
         self.tokenizer = load_tokenizer(cfg)
         self.geometry = ClipGeometry(cfg.tokenizer.vocab_size, cfg.tokenizer.text_len, cfg.data.image_size)
 

@@ -49,8 +49,9 @@ class DVAETrainer(Trainer):
 
     def __init__(self, cfg: Config, deepspeed_config: str | dict | None = None, gradient_hook: Any = None,
                  check_images: int = 200) -> None:
-        super().__init__(cfg, section="dvae_train", stage="dvae", deepspeed_config=deepspeed_config,
-                         gradient_hook=gradient_hook)
+        # for_stage: the dVAE may have its own precision (dvae_train.precision).
+        super().__init__(cfg.for_stage("dvae_train"), section="dvae_train", stage="dvae",
+                         deepspeed_config=deepspeed_config, gradient_hook=gradient_hook)
         self.schedules = DVAESchedules.from_config(cfg.dvae, cfg.dvae_train)
         self.check_images = check_images
         self._usage = torch.zeros(cfg.dvae.vocab_size, dtype=torch.long)  # codes seen this log window

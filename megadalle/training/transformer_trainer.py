@@ -122,7 +122,9 @@ class TransformerTrainer(Trainer):
     export_name = "transformer"
 
     def __init__(self, cfg: Config, deepspeed_config: str | dict | None = None) -> None:
-        super().__init__(cfg, section="train", stage="transformer", deepspeed_config=deepspeed_config)
+        # for_stage: the transformer may have its own precision (train.precision).
+        super().__init__(cfg.for_stage("train"), section="train", stage="transformer",
+                         deepspeed_config=deepspeed_config)
         self.tokenizer: Any = None
         self._flops_per_sample: float | None = None
 
