@@ -242,9 +242,14 @@ class Trainer:
         # checkpointing wraps their runner.
         self.gradient_hook = dist.install_precision(model, self.cfg, self.gradient_hook)
         self.prepare_model(model)
-        if self.cfg.distributed.activation_checkpointing:
+        if self.cfg.distributed.activation_checkpointing and hasattr(model, "resblocks"):
             dist.install_activation_checkpointing(model, self.cfg.distributed.checkpoint_every_k,
                                                   self.cfg.distributed.checkpoint_impl)
+        elif self.cfg.distributed.activation_checkpointing and self.is_main:
+            # One distributed section serves every stage (the 12b preset turns it on for the
+            # transformer); the dVAE and the reranker have no resblocks to recompute.
+            print(f"note: distributed.activation_checkpointing recomputes resblocks; the {self.stage} model has "
+                  f"none and trains without it")
         self.engine = dist.build_engine(model, self.cfg, self.tcfg, self.deepspeed_config, self.section,
                                         load_universal=universal)
         if self.cfg.distributed.scheme == "paper":  # machines average (or compress) their ZeRO-3 partitions
