@@ -17,6 +17,16 @@ is trained once and shared.
 Writes benchmarks/results/compression.json for the bare run (tiny widths, 2 machines x 2 ranks,
 --shard-ranks 0 4); another preset, topology or set of shard ranks adds its value to the name
 (compression_small_4x2_shard0.json; see benchmarks/_results.py).
+
+    python benchmarks/compression.py --scheme paper [--steps 120 --warmup 30]
+
+runs the paper's scheme instead (distributed.scheme=paper: ZeRO-3 inside each machine) through the
+real trainer (tests/trainer_toy.py under the deepspeed launcher, 2 machines x 2 ranks, the tiny
+transformer on learnable tokens), beside plain ZeRO-3 over all ranks: uncompressed, PowerSGD with
+fp32 state, and PowerSGD with 16-bit state. Per run: inter-machine bytes split into the weight
+matrices and the rest, intra-machine bytes (DeepSpeed's comms logger: ZeRO's all-gathers and
+reduce-scatters), tokens/s, the loss, and each rank's resident state (DeepSpeed's tensors and the
+error buffers). Writes benchmarks/results/compression_paper.json.
 """
 
 from __future__ import annotations
@@ -183,8 +193,74 @@ def report(args, machines: int, off: dict, on: dict) -> dict:
     return result
 
 
+PAPER_RUNS = {"zero3": "plain ZeRO-3 (its ZeRO traffic spans all 4 ranks, both machines)",
+              "paper": "paper scheme, uncompressed",
+              "paper_psgd": "paper + PowerSGD, fp32 state", "paper_psgd16": "paper + PowerSGD, 16-bit state"}
+
+
+def paper_scheme(args) -> None:
+    """The paper's scheme beside plain ZeRO-3, through the real trainer (module docstring)."""
+    import statistics
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = Path(tempfile.mkdtemp(prefix="compression-paper-"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "4", "--master_port", str(port),
+           str(root / "tests" / "trainer_toy.py"), "--model", "transformer", "--pattern", "--comms",
+           "--run_dir", str(run_dir), "--runs", ",".join(PAPER_RUNS), f"train.steps={args.steps}",
+           f"train.optimizer.lr={args.lr}", "train.schedule.kind=cosine", f"train.schedule.warmup_steps={args.warmup}"]
+    print("running", " ".join(cmd[3:]), flush=True)
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stdout[-2000:] + proc.stderr[-2000:])
+    sys.path.insert(0, str(root / "tests"))
+    from trainer_toy import losses
+
+    runs = {}
+    for name in PAPER_RUNS:
+        d = json.loads((run_dir / name / "scheme-rank0.json").read_text())
+        steps = d["steps"]
+        loss = losses(run_dir / name, "transformer")
+        speed = [r["tokens_per_s"] for r in _records(run_dir / name) if "tokens_per_s" in r][2:]
+        intra = sum(d["comms"][op]["bytes"] for op in ("all_gather_into_tensor", "reduce_scatter_tensor")) / steps
+        matrices = d.get("powersgd_matrix_bytes", 0.0)
+        rest = d.get("powersgd_dense_bytes", d.get("replica_average_bytes", 0.0) / steps)
+        runs[name] = {"label": PAPER_RUNS[name], "inter_matrix_bytes": matrices, "inter_rest_bytes": rest,
+                      "inter_matrix_bytes_uncompressed": 4 * d.get("matrix_numel", 0.0),
+                      "intra_bytes": intra, "tokens_per_s": statistics.median(speed) if speed else None,
+                      "final_loss": sum(loss[k] for k in sorted(loss)[-5:]) / 5, "state_bytes": d["state_bytes"]}
+    base = runs["zero3"]
+    print(f"\n2 machines x 2 ranks (gloo, one host), tiny transformer, {args.steps} steps; 2-core CPU, no GPU")
+    print(f"{'':66}{'inter matrices':>15}{'inter rest':>12}{'intra':>12}{'tok/s ratio':>12}{'loss':>8}{'state B/rank':>14}")
+    for name, r in runs.items():
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if r["tokens_per_s"] and base["tokens_per_s"] else float("nan")
+        print(f"{r['label']:66}{r['inter_matrix_bytes']:>15,.0f}{r['inter_rest_bytes']:>12,.0f}{r['intra_bytes']:>12,.0f}"
+              f"{ratio:>12.3f}{r['final_loss']:>8.4f}{sum(r['state_bytes'].values()):>14,}")
+    psgd = runs["paper_psgd"]
+    print(f"weight matrices between machines: {psgd['inter_matrix_bytes'] / psgd['inter_matrix_bytes_uncompressed']:.1%} "
+          f"of uncompressed; loss vs plain ZeRO-3 {psgd['final_loss'] / base['final_loss'] - 1:+.2%}; 16-bit state "
+          f"vs fp32 {runs['paper_psgd16']['final_loss'] / psgd['final_loss'] - 1:+.2%}")
+    out = out_path(args.out, "compression", "paper")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/compression.py", *sys.argv[1:]]),
+                               "machine": "2-core CPU, no GPU", "steps": args.steps, "runs": runs}, indent=1))
+    print(f"wrote {out}")
+
+
+def _records(run: Path) -> list[dict]:
+    from megadalle.training.metrics import read_jsonl
+
+    return list(read_jsonl(run / "transformer" / "metrics.jsonl"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scheme", choices=["zero0", "paper"], default="zero0",
+                   help="zero0: the ZeRO-0/1 exchange off vs on; paper: distributed.scheme=paper (module docstring)")
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--gpus-per-node", type=int, default=2)
     p.add_argument("--preset", default="tiny", help="config preset giving the transformer widths")
@@ -197,6 +273,8 @@ def main() -> None:
                    help="PowerSGD rank per shard of each compressed run; 0: the default, ceil(rank / L)")
     p.add_argument("--out", default=None, help="default: benchmarks/results/compression[_<config>].json")
     args = p.parse_args()
+    if args.scheme == "paper":
+        return paper_scheme(args)
     if args.world % args.gpus_per_node:
         p.error(f"--gpus-per-node {args.gpus_per_node} must divide --world {args.world}")
     with socket.socket() as s:

@@ -121,6 +121,15 @@ def _powersgd(d: dict) -> list[str]:
             f"loss +{run['final_loss_gap'] * 100:.1f}% after {run['steps']} steps"]
 
 
+def _paper_scheme(d: dict) -> list[str]:
+    r = d["runs"]
+    psgd, b16, plain = r["paper_psgd"], r["paper_psgd16"], r["zero3"]
+    return [f"{100 * psgd['inter_matrix_bytes'] / psgd['inter_matrix_bytes_uncompressed']:.1f}% of uncompressed",
+            f"loss {100 * (psgd['final_loss'] / plain['final_loss'] - 1):+.1f}% vs plain ZeRO-3",
+            f"16-bit state {100 * (b16['final_loss'] / psgd['final_loss'] - 1):+.2f}%",
+            f"{sum(b16['state_bytes'].values()) / sum(psgd['state_bytes'].values()):.2f}x the per-rank state"]
+
+
 def _dvae(d: dict) -> list[str]:
     return [f"{d['tiny']['seconds_per_step']:.3f} s / {d['full']['seconds_per_step']:.2f} s"]
 
@@ -157,6 +166,7 @@ CHECKS: dict[str, list[tuple[str, Callable[[dict], list[str]]]]] = {
                                            ("train_bf16.json", _actckpt("bf16"))],
     "per-resblock fp16 scaling vs plain fp16": [("resblock_scaling.json", _resblock)],
     "PowerSGD inter-machine bytes": [("compression.json", _powersgd)],
+    "paper scheme, PowerSGD on ZeRO-3 partitions": [("compression_paper.json", _paper_scheme)],
     "dVAE training step": [("dvae.json", _dvae)],
     "dVAE recipes": [("dvae_recipes.json", _dvae_recipes)],
     "tiny transformer, 2 torch threads vs 1": [("threads.json", _threads)],

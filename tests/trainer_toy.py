@@ -269,7 +269,8 @@ def resident_state_bytes(trainer) -> dict[str, int]:
                 total += t.numel() * t.element_size()
         return total
 
-    hook = next((h for h in trainer.gradient_hook.hooks if hasattr(h, "error")), None)
+    hooks = getattr(trainer.gradient_hook, "hooks", [])
+    hook = next((h for h in hooks if hasattr(h, "error")), None)
     return {"weights": size(opt.fp16_partitioned_groups_flat), "master": size(opt.fp32_partitioned_groups_flat),
             "grads": size([opt.grad_partitions_flat_buffer]),
             "moments": size([v for s in opt.optimizer.state.values() for v in s.values()
@@ -334,19 +335,24 @@ def main() -> None:
                                                a.step_delay, a.pattern, a.nan_step,
                                                {"comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
                                                if a.comms else None, a.log_keys)
+        if a.comms:  # DeepSpeed's logger counts for the whole process: each run counts its own
+            from deepspeed.comm import comm as ds_comm
+
+            ds_comm.comms_logger.comms_dict.clear()
         summary = trainer.train()
         probe = probe_logits(trainer) if a.model == "transformer" else None
-        if trainer.cfg.distributed.scheme == "paper":  # every rank says which group ZeRO shards over
-            import torch.distributed as dist
+        if trainer.cfg.distributed.scheme == "paper" or (a.comms and trainer.cfg.distributed.zero_stage == 3):
+            import torch.distributed as dist  # every rank says which group ZeRO shards over, and what it holds
 
             opt = trainer.engine.optimizer
+            hook = trainer.gradient_hook
             (run_dir / f"scheme-rank{trainer.rank}.json").write_text(json.dumps({
                 "rank": trainer.rank, "zero_group": dist.get_process_group_ranks(opt.dp_process_group),
                 "partition_numel": opt.grad_partitions_flat_buffer.numel(),
                 "model_numel": sum(p.ds_numel for p in trainer.engine.module.parameters()),
                 "state_bytes": resident_state_bytes(trainer), "nan_report": getattr(trainer, "nan_report", None),
-                "comms": _deepspeed_comms() if a.comms else None,
-                **trainer.gradient_hook.metrics()}))
+                "comms": _deepspeed_comms() if a.comms else None, "steps": trainer.step,
+                **(hook.metrics() if hook is not None else {})}))
         if trainer.is_main:
             if probe is not None:
                 torch.save(probe, run_dir / "probe.pt")
