@@ -236,7 +236,7 @@ def make_transformer_trainer(cfg: Config, step_delay: float = 0.0, pattern: bool
             if log_keys:  # which samples each step used, per rank (elastic resume tests)
                 with open(self.folder / f"keys-rank{self.rank}.jsonl", "a") as f:
                     f.write(json.dumps({"step": self.step + 1, "keys": list(batch["key"])}) + "\n")
-            if self.calls == nan_step and self.rank == self.world - 1:
+            if nan_step and self.calls == nan_step and self.rank == self.world - 1:
                 loss = loss * float("nan")
             return loss, metrics
 
