@@ -224,3 +224,20 @@ def test_optimizer_offload_with_bf16_zero3_trains_and_resumes(tmp_path):
     ToyTrainer(toy_config(tmp_path / "split", **over), dropout=0.0).train()
     assert losses(tmp_path / "full") == losses(tmp_path / "split")
     assert full.engine.zero_optimization_stage() == 3 and full.engine.zero_cpu_offload()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_accumulation_updates_every_step_over_its_micro_batches(tmp_path, stage):
+    """micro-batch 2 x accumulation 2 trains as micro-batch 4 (the same samples): an update every
+    step, none skipped, the same losses. (DeepSpeed, whose step() the trainer calls once per
+    optimizer step, used to see the boundary every second step only.)"""
+    runs = {}
+    for micro, accum in ((4, 1), (2, 2)):
+        cfg = toy_config(tmp_path / f"m{micro}", **{"train.micro_batch_size": micro, "train.grad_accum_steps": accum,
+                                                     "distributed.zero_stage": stage})
+        trainer = ToyTrainer(cfg, dropout=0.0)
+        summary = trainer.train()
+        assert summary.skipped_steps == 0 and trainer.updates == 6
+        runs[micro] = losses(tmp_path / f"m{micro}")
+    assert sorted(runs[4]) == list(range(1, 7))
+    assert all(abs(runs[2][k] - runs[4][k]) <= 1e-5 * runs[4][k] for k in runs[4]), runs

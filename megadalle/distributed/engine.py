@@ -422,6 +422,17 @@ def needs_manual_grad_norm(engine: Any) -> bool:
     return not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
 
 
+def start_micro_step(engine: Any, last: bool) -> None:
+    """Tell DeepSpeed, before a micro-batch's forward, whether its backward ends the accumulation.
+
+    The trainer calls engine.step() once per optimizer step, after all its micro-batches. Left to
+    itself, DeepSpeed counts a micro-step per step() call and would see the boundary only on every
+    grad_accum_steps-th optimizer step (an update every other step at accumulation 2, over twice
+    the micro-batches, the steps between counted as skipped). This is DeepSpeed's documented way
+    to call step() once (DeepSpeedEngine.set_gradient_accumulation_boundary)."""
+    engine.set_gradient_accumulation_boundary(last)
+
+
 def skip_step(engine: Any) -> None:
     """Drop this step's gradients without touching parameters or optimizer state.
 
@@ -628,7 +639,7 @@ def call_hook(hook: Any, module: nn.Module) -> bool:
 
 
 __all__ = [
-    "init_distributed", "close_distributed", "rank", "world_size", "barrier", "all_gather_object",
+    "init_distributed", "close_distributed", "start_micro_step", "rank", "world_size", "barrier", "all_gather_object",
     "broadcast_object", "mean_across_ranks", "weight_decay_groups", "build_optimizer", "resolve_ds_config",
     "build_engine", "set_lr", "grad_norm", "skip_step", "full_fp32_named_parameters", "gathered",
     "install_activation_checkpointing", "peak_memory_bytes", "device_peak_flops", "call_hook",

@@ -519,6 +519,7 @@ class Trainer:
         norm_before: float | None = None
         for micro in range(accum):
             batch = next(batches)
+            dist.start_micro_step(self.engine, last=micro == accum - 1)
             loss, metrics = self.compute_loss(self.engine, batch)
             self.engine.backward(loss)
             for k, v in {"loss": loss, **metrics}.items():
