@@ -1,5 +1,3 @@
-import sys
+from megadalle.cli import run
 
-from megadalle.cli import main
-
-sys.exit(main())
+run()

@@ -96,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The `megadalle` program: main(), then sys.exit; a process that ran a process group leaves
+    through distributed.engine.exit_process, which C++ teardown cannot abort."""
+    code = main()
+    engine = sys.modules.get("megadalle.distributed.engine")
+    if engine is not None and engine.started_a_group():
+        engine.exit_process(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _without_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()

@@ -361,3 +361,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from megadalle.distributed.engine import exit_process
+
+    exit_process(0)  # as the megadalle program leaves (C++ teardown under load could abort it)

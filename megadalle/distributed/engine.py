@@ -92,6 +92,8 @@ def init_distributed(dist_cfg: DistributedConfig) -> DistEnv:
     # One group per process, torn down at exit: DeepSpeed caches its sub-groups, so a group
     # destroyed earlier could not serve a second engine in the same process (tests, notebooks).
     atexit.register(close_distributed)
+    global _STARTED_GROUP
+    _STARTED_GROUP = True
     import deepspeed
     import deepspeed.ops
 
@@ -105,6 +107,13 @@ def init_distributed(dist_cfg: DistributedConfig) -> DistEnv:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=dist_cfg.timeout_s))
     return env
+
+
+_STARTED_GROUP = False  # whether this process ever ran init_distributed (exit_process's business)
+
+
+def started_a_group() -> bool:
+    return _STARTED_GROUP
 
 
 def close_distributed() -> None:
@@ -123,6 +132,33 @@ def close_distributed() -> None:
     ds_comm = sys.modules.get("deepspeed.comm.comm")
     if ds_comm is not None:
         ds_comm.cdb = None
+
+
+def exit_process(code: int) -> None:
+    """End a program that may have run a process group, with `code`.
+
+    Every rank meets the others first (no rank tears its group down while a peer still talks to
+    it), then the groups go and the process leaves through os._exit after flushing. The skipped
+    part is C++ static destruction: under load it found gloo's threads still joinable after every
+    run had finished and aborted ("terminate called without an active exception", exit -6; seen
+    in CI on 4 gloo processes that had trained and written everything). Files are closed by then:
+    trainers close theirs before returning, and os._exit only skips the interpreter's teardown.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if code == 0 and backend_of_group() == "gloo":  # bounded: a failed peer must not hang us
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+            elif code == 0:
+                dist.barrier()
+        except Exception as e:  # leaving anyway; the peer's own exit code says what went wrong
+            print(f"note: ranks did not meet before exiting ({type(e).__name__}: {e})", file=sys.stderr)
+        close_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def rank() -> int:
@@ -639,7 +675,7 @@ def call_hook(hook: Any, module: nn.Module) -> bool:
 
 
 __all__ = [
-    "init_distributed", "close_distributed", "start_micro_step", "rank", "world_size", "barrier", "all_gather_object",
+    "init_distributed", "close_distributed", "exit_process", "started_a_group", "start_micro_step", "rank", "world_size", "barrier", "all_gather_object",
     "broadcast_object", "mean_across_ranks", "weight_decay_groups", "build_optimizer", "resolve_ds_config",
     "build_engine", "set_lr", "grad_norm", "skip_step", "full_fp32_named_parameters", "gathered",
     "install_activation_checkpointing", "peak_memory_bytes", "device_peak_flops", "call_hook",
