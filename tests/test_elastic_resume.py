@@ -1,8 +1,9 @@
 """Elastic resume (training/elastic.py): a checkpoint written by one number of ranks and ZeRO
 stage continues on another, through DeepSpeed's universal checkpoint, and sees the same samples.
 
-Real DeepSpeed engines, real gloo processes, the tiny transformer on synthetic tokens with a global
-batch of 4. Each resumed run is compared with the uninterrupted one-rank run: per-step losses
+Real DeepSpeed engines, real gloo processes, the tiny transformer with a global batch of 4, on
+synthetic tokens and on token shards read in the global order (data/global_order.py) with BPE and
+caption dropout on. Each resumed run is compared with the uninterrupted one-rank run: per-step losses
 within 1e-5 relative (the ranks sum their gradients in another order: measured at most 1e-7), the
 same sample keys in every step, and the same exported EMA.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_toy import losses, step_keys
+from trainer_toy import losses, step_keys, write_token_run
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +109,45 @@ def test_what_cannot_change_is_refused_with_the_reason(tmp_path):
     proc = _run(psgd, 2, *STEPS, "distributed.zero_stage=1", "distributed.powersgd.enabled=true", ok=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "keep state tied to the number of ranks" in out and "resume with 1 ranks" in out
+
+
+def _token_data(root: Path) -> list[str]:
+    return ["train.synthetic_data=false", f"data.token_source={root / 'tokens'}",
+            f"tokenizer.path={root / 'tokenizer.json'}", "data.shuffle_buffer=8", "tokenizer.bpe_dropout=0.3",
+            "transformer.caption_drop=0.25", "train.micro_batch_size=2", "train.grad_accum_steps=2"]
+
+
+def test_resume_on_token_shards_at_another_layout_repeats_the_run(tmp_path):
+    """Token shards in the global order, the paper's BPE dropout and caption dropout: one rank x
+    micro 2 x accumulation 2 throughout, against 2 ranks x micro 2 x 1 for steps 1-3 resumed on one
+    rank. Every dropout draw comes from (seed, update, sample key), so the resumed run repeats the
+    uninterrupted one: the same samples in every step and the same losses."""
+    data = _token_data(write_token_run(tmp_path / "data"))
+    whole = tmp_path / "whole"
+    _run(whole, 1, *STEPS, "distributed.zero_stage=1", *data)
+    split = tmp_path / "split"
+    _run(split, 2, "train.steps=3", "checkpoint.every_steps=3", "distributed.zero_stage=2", *data,
+         "train.grad_accum_steps=1")
+    proc = _run(split, 1, *STEPS, "distributed.zero_stage=1", *data)
+    assert "on another topology" in proc.stdout
+    _check_same_run(split / "zero1" / "transformer", whole / "zero1" / "transformer")
+
+
+def test_a_micro_batch_of_bad_samples_only_still_takes_part(tmp_path):
+    """A rank whose micro-batch holds only bad samples gets it with no row and runs a stand-in row
+    weighed 0, so that every rank takes part in ZeRO's collectives: the run completes, and every
+    step trained on exactly the good samples of its global batch, as the one-rank run did."""
+    bad = (1, 2, 5, 9, 14, 20, 27, 30)
+    data = _token_data(write_token_run(tmp_path / "data", n_train=32, bad=bad)) + ["data.shuffle_buffer=0"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    _run(two, 2, "train.steps=8", "distributed.zero_stage=3", *data, "train.micro_batch_size=1")
+    _run(one, 1, "train.steps=8", "distributed.zero_stage=1", *data)
+    keys2, keys1 = step_keys(two / "zero1" / "transformer"), step_keys(one / "zero1" / "transformer")
+    assert any("<stand-in>" in k for k in keys2.values())  # the path under test was taken
+    keys2 = {step: k - {"<stand-in>"} for step, k in keys2.items()}
+    keys1 = {step: k - {"<stand-in>"} for step, k in keys1.items()}
+    assert keys2 == keys1 and sorted(keys2) == list(range(1, 9))
+    # 32 samples in 8 global batches of 4 (one epoch): the bad ones are missing and nothing replaced them.
+    assert sorted(k for v in keys2.values() for k in v) == [f"train{i:04d}" for i in range(32) if i not in bad]
+    got = losses(two / "zero1", "transformer")
+    assert sorted(got) == list(range(1, 9)) and all(v == v and abs(v) < 1e3 for v in got.values())

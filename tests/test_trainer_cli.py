@@ -9,30 +9,14 @@ import numpy as np
 import pytest
 
 from megadalle import cli
-from megadalle.data.shards import TokenShardWriter
-from megadalle.data.tokenizer import TextTokenizer
 from megadalle.training.metrics import read_jsonl
-
-WORDS = ["red", "blue", "green", "circle", "square", "triangle", "left", "right", "of", "a", "the", "small"]
-
-
-def _caption(rng) -> str:
-    return " ".join(rng.choice(WORDS, size=int(rng.integers(3, 8))))
+from trainer_toy import write_token_run
 
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """A run folder as `megadalle encode` and `megadalle tokenizer` leave it (tiny geometry)."""
-    root = tmp_path_factory.mktemp("run")
-    rng = np.random.default_rng(0)
-    captions = []
-    for split, n in (("train", 40), ("val", 12)):
-        with TokenShardWriter(root / "tokens" / split, max_samples=16) as w:
-            for i in range(n):
-                cap = _caption(rng)
-                captions.append(cap)
-                w.write_codes(f"{split}{i:04d}", rng.integers(0, 512, 144), cap)  # 12x12 grid
-    TextTokenizer.train(captions, vocab_size=300, text_len=32, min_frequency=1).save(root / "tokenizer.json")
+    root = write_token_run(tmp_path_factory.mktemp("run"))
     # An untrained dVAE of the tiny geometry: enough to decode sample grids.
     from megadalle.config import load_config
     from megadalle.dvae.io import save_dvae

@@ -161,6 +161,30 @@ RUNS = {
 }
 
 
+CAPTION_WORDS = ["red", "blue", "green", "circle", "square", "triangle", "left", "right", "of", "a", "the", "small"]
+
+
+def write_token_run(root: str | Path, n_train: int = 40, n_val: int = 12, bad: tuple[int, ...] = ()) -> Path:
+    """A run folder as `megadalle encode` and `megadalle tokenizer` leave it (tiny geometry): token
+    shards of 16 samples under tokens/{train,val}, tokenizer.json. Training samples whose index
+    is in `bad` get 100 codes instead of 144 (skipped by the loader as bad_codes)."""
+    from megadalle.data.shards import TokenShardWriter
+    from megadalle.data.tokenizer import TextTokenizer
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    captions = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        with TokenShardWriter(root / "tokens" / split, max_samples=16) as w:
+            for i in range(n):
+                cap = " ".join(rng.choice(CAPTION_WORDS, size=int(rng.integers(3, 8))))
+                captions.append(cap)
+                size = 100 if split == "train" and i in bad else 144  # 12x12 grid
+                w.write_codes(f"{split}{i:04d}", rng.integers(0, 512, size), cap)
+    TextTokenizer.train(captions, vocab_size=300, text_len=32, min_frequency=1).save(root / "tokenizer.json")
+    return root
+
+
 def step_keys(stage_dir: str | Path) -> dict[int, set[str]]:
     """step -> the sample keys every rank used in it (from --log_keys; a resumed run rewrites a step)."""
     out: dict[int, set[str]] = {}

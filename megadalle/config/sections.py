@@ -71,9 +71,16 @@ class DataConfig:
     # bounds a sample's memory at about 4 bytes per allowed pixel (a 560 KB PNG can declare
     # 12000 x 12000 and take gigabytes to decode). 64M allows 8000 x 8000.
     max_image_pixels: int = 64_000_000
+    # Sample order of training streams. "global": one sequence per epoch whatever the number of
+    # ranks; the saved position resumes at another number of ranks, workers or micro-batch split
+    # with the same global batch (data/global_order.py; every rank walks every shard's headers,
+    # which costs 0-58% of the data pipeline's throughput, see that module). "slots": each rank
+    # and worker reads its own shards (less I/O), and only the same layout can resume it.
+    order: str = "global"
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
     def __post_init__(self) -> None:
+        _check(self.order in ("global", "slots"), f"data.order={self.order!r}: choose global or slots")
         _check(self.augment in ("stage1", "stage2", "none"),
                f"data.augment={self.augment!r}: choose one of stage1, stage2, none")
         _check(self.image_size >= 8, f"data.image_size={self.image_size}: use at least 8")

@@ -1,5 +1,12 @@
 """Streaming loaders over shards: rank/worker sharding, a shuffle buffer, exact resume.
 
+Two orders. The global order (data/global_order.py, `order="global"`, the default of training
+streams built from a config) makes one sequence of samples per epoch from (seed, epoch, shards)
+alone; rank r takes global samples i with i mod w = r, and the position is global: it resumes at
+any number of ranks, workers and micro-batch split with the same global batch. Every rank walks
+every shard's headers for that. The per-slot order below (`order="slots"`, evaluation streams, the
+low-level builders' default) reads less, but its position belongs to one layout.
+
 Pipeline, per (rank, DataLoader worker) "slot" (slot = rank * workers + worker):
 
     units of the epoch     every rank permutes the shard list with (seed, epoch); slot s takes
@@ -30,7 +37,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -40,6 +47,9 @@ from megadalle.config import ConfigError
 from megadalle.data.augment import RECIPES, augment, to_array
 from megadalle.data.decode import BadSample, decode_caption, decode_codes, decode_image
 from megadalle.data.shards import ReadProblem, Record, ShardError, iter_unit_records, source_units
+
+if TYPE_CHECKING:
+    from megadalle.data.global_order import GlobalOrderLoader
 
 log = logging.getLogger("megadalle.data")
 
@@ -59,10 +69,12 @@ def _empty_unit_stats() -> dict[str, Any]:
 class ShardStats:
     """Counts per shard: good samples, skipped and converted ones by reason, shard problems."""
 
-    def __init__(self, d: dict[str, dict] | None = None):
+    def __init__(self, d: dict[str, dict] | None = None, log_problems: bool = True):
         self.d: dict[str, dict[str, Any]] = {k: {kk: (dict(vv) if isinstance(vv, dict) else vv)
                                                  for kk, vv in v.items()} for k, v in (d or {}).items()}
         self._logged: dict[tuple[str, str], int] = {}
+        # In the global order every rank and worker walks every shard: one of them says so.
+        self.log_problems = log_problems
 
     def _unit(self, unit: str) -> dict[str, Any]:
         return self.d.setdefault(unit, _empty_unit_stats())
@@ -89,7 +101,8 @@ class ShardStats:
     def problem(self, unit: str, reason: str, detail: str) -> None:
         u = self._unit(unit)
         u["problems"][reason] = u["problems"].get(reason, 0) + 1
-        log.warning("%s: %s, rest of the shard unreadable (%s)", unit, reason, detail)
+        if self.log_problems:
+            log.warning("%s: %s, rest of the shard unreadable (%s)", unit, reason, detail)
 
     def to_dict(self) -> dict[str, dict]:
         return {k: {"samples": v["samples"], "skipped": dict(v["skipped"]), "converted": dict(v["converted"]),
@@ -181,6 +194,50 @@ class StreamSpec:
         h = hashlib.sha256("\n".join(names).encode())
         h.update(f"{self.kind}|{self.batch_size}|{self.seed}|{self.world_size}|{self.shuffle_buffer}".encode())
         return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and batches (both orders)
+# --------------------------------------------------------------------------------------------
+
+
+def decode_sample(spec: StreamSpec, rec: Record, epoch: int, unit_index: int,
+                  stats: ShardStats) -> dict[str, Any] | None:
+    """Decode, check and augment one record; None (and counted) when it is a bad sample.
+
+    The augmentation rng comes from (seed, epoch, shard, offset) alone, so a sample looks the same
+    whichever rank or worker decodes it and whenever the run was resumed.
+    """
+    s = spec
+    conversions: list[str] = list(rec.notes)
+    try:
+        if s.kind == "image":
+            img = decode_image(rec, s.min_image_side, s.max_aspect_ratio, conversions, s.max_image_pixels)
+            text = decode_caption(rec, conversions)
+            rng = np.random.default_rng([s.seed, epoch, unit_index, rec.offset, 3])
+            value = to_array(augment(img, s.image_size, s.augment, rng))
+        else:
+            value = decode_codes(rec, s.codes_len).astype(np.int64)
+            text = decode_caption(rec, conversions)
+    except BadSample as e:
+        stats.skip(rec.unit, e.reason, rec.key, e.detail)
+        return None
+    stats.ok(rec.unit, conversions, rec.key)
+    return {"value": value, "caption": text, "key": rec.key}
+
+
+def collate(spec: StreamSpec, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch. It may have no row at all in the global order (every sample of a rank's
+    micro-batch bad), so the empty shape is spelled out rather than left to np.stack."""
+    name = "image" if spec.kind == "image" else "codes"
+    if samples:
+        # image: (batch, 3, H, W) float in [0, 1]; codes: (batch, grid*grid) long
+        value = torch.from_numpy(np.stack([x["value"] for x in samples]))
+    elif spec.kind == "image":
+        value = torch.zeros((0, 3, spec.image_size, spec.image_size), dtype=torch.float32)
+    else:
+        value = torch.zeros((0, spec.codes_len or 0), dtype=torch.int64)
+    return {name: value, "caption": [x["caption"] for x in samples], "key": [x["key"] for x in samples]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,29 +333,10 @@ class _SlotStream:
 
     # ---- samples ----
     def _sample(self, rec: Record) -> dict[str, Any] | None:
-        s = self.spec
-        conversions: list[str] = list(rec.notes)
-        try:
-            if s.kind == "image":
-                img = decode_image(rec, s.min_image_side, s.max_aspect_ratio, conversions, s.max_image_pixels)
-                text = decode_caption(rec, conversions)
-                ui = self.unit_index[rec.unit]
-                rng = np.random.default_rng([s.seed, self.epoch, ui, rec.offset, 3])
-                value = to_array(augment(img, s.image_size, s.augment, rng))
-            else:
-                value = decode_codes(rec, s.codes_len).astype(np.int64)
-                text = decode_caption(rec, conversions)
-        except BadSample as e:
-            self.stats.skip(rec.unit, e.reason, rec.key, e.detail)
-            return None
-        self.stats.ok(rec.unit, conversions, rec.key)
-        return {"value": value, "caption": text, "key": rec.key}
+        return decode_sample(self.spec, rec, self.epoch, self.unit_index[rec.unit], self.stats)
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        name = "image" if self.spec.kind == "image" else "codes"
-        # image: (batch, 3, H, W) float in [0, 1]; codes: (batch, grid*grid) long
-        return {name: torch.from_numpy(np.stack([x["value"] for x in samples])),
-                "caption": [x["caption"] for x in samples], "key": [x["key"] for x in samples]}
+        return collate(self.spec, samples)
 
     def batches(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(batch, state after it); the state resumes right after that batch."""
@@ -410,9 +448,12 @@ class ResumableLoader:
                 "pass": self._epoch, "slots": [None if s is None else dict(s) for s in self._states]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"data loader state version {state.get('version')!r}; this megadalle reads "
-                             f"version {STATE_VERSION}")
+        if isinstance(state, dict) and state.get("order") == "global":
+            raise ConfigError("cannot resume the data position: it was saved in the global order and this loader "
+                              "reads per-slot streams; resume with data.order=global")
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else None
+            raise ConfigError(f"data loader state version {version!r}; this megadalle reads version {STATE_VERSION}")
         problems = []
         if state["world_size"] != self.spec.world_size or state["rank"] != self.spec.rank:
             problems.append(f"rank/world size {state['rank']}/{state['world_size']} saved, "
@@ -460,46 +501,84 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def _make_loader(spec: StreamSpec, order: str, global_batch: int | None, num_workers: int, pin_memory: bool,
+                 restart_every_iter: bool) -> ResumableLoader | GlobalOrderLoader:
+    if order == "slots":
+        return ResumableLoader(spec, num_workers, pin_memory, restart_every_iter)
+    if order != "global":
+        raise ConfigError(f"data.order={order!r}: choose 'global' or 'slots'")
+    if restart_every_iter or not spec.endless:
+        raise ValueError("the global order is for endless training streams; evaluation reads order='slots'")
+    # Imported here: global_order.py builds on this module's StreamSpec and decoding.
+    from megadalle.data.global_order import GlobalOrderLoader
+
+    # Without it the global batch is one micro-step of every rank (no accumulation).
+    g = global_batch or spec.batch_size * spec.world_size
+    return GlobalOrderLoader(spec, g, num_workers, pin_memory)
+
+
 def image_loader(source: str | Path, batch_size: int, *, image_size: int = 64, augment: str = "none",
                  seed: int = 0, shuffle_buffer: int = 1000, endless: bool = True, drop_last: bool = False,
                  num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
                  min_image_side: int = 16, max_aspect_ratio: float = 4.0, max_image_pixels: int = 64_000_000,
-                 pin_memory: bool = False, restart_every_iter: bool = False) -> ResumableLoader:
-    """Image batches from a directory / glob of tar shards or an image folder."""
+                 pin_memory: bool = False, restart_every_iter: bool = False, order: str = "slots",
+                 global_batch: int | None = None) -> ResumableLoader | GlobalOrderLoader:
+    """Image batches from a directory / glob of tar shards or an image folder.
+
+    `batch_size` is the micro-batch. `order="global"` (endless only) returns a GlobalOrderLoader
+    for `global_batch` = micro-batch x accumulation x ranks (default: no accumulation)."""
     rank, world_size = _rank_world(rank, world_size)
     spec = StreamSpec(tuple(source_units(source)), "image", batch_size, seed, rank, world_size, shuffle_buffer,
                       endless, drop_last, image_size, augment, min_image_side, max_aspect_ratio, max_image_pixels)
-    return ResumableLoader(spec, num_workers, pin_memory, restart_every_iter)
+    return _make_loader(spec, order, global_batch, num_workers, pin_memory, restart_every_iter)
 
 
 def token_loader(source: str | Path, batch_size: int, *, codes_len: int | None = None, seed: int = 0,
                  shuffle_buffer: int = 1000, endless: bool = True, drop_last: bool = False,
                  num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
-                 pin_memory: bool = False, restart_every_iter: bool = False) -> ResumableLoader:
-    """Token batches ({"codes", "caption", "key"}) from token shards written by `megadalle encode`."""
+                 pin_memory: bool = False, restart_every_iter: bool = False, order: str = "slots",
+                 global_batch: int | None = None) -> ResumableLoader | GlobalOrderLoader:
+    """Token batches ({"codes", "caption", "key"}) from token shards written by `megadalle encode`;
+    `order` and `global_batch` as for image_loader."""
     rank, world_size = _rank_world(rank, world_size)
     spec = StreamSpec(tuple(source_units(source)), "tokens", batch_size, seed, rank, world_size, shuffle_buffer,
                       endless, drop_last, codes_len=codes_len)
-    return ResumableLoader(spec, num_workers, pin_memory, restart_every_iter)
+    return _make_loader(spec, order, global_batch, num_workers, pin_memory, restart_every_iter)
+
+
+def _order_for(cfg: Any, split: str, endless: bool, order: str | None) -> str:
+    """The order a config's stream reads: as asked, else data.order for endless training streams
+    (the global order unless set), else the per-slot order (evaluation replays its own samples)."""
+    if order:
+        return order
+    return cfg.data.order if split == "train" and endless else "slots"
 
 
 def image_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *, endless: bool = True,
                              rank: int | None = None, world_size: int | None = None,
-                             augment: str | None = None, run_dir: str | Path | None = None) -> ResumableLoader:
-    """Image batches for a run: `data.source` ("shapes": built in the run folder if missing)."""
+                             augment: str | None = None, run_dir: str | Path | None = None,
+                             global_batch: int | None = None,
+                             order: str | None = None) -> ResumableLoader | GlobalOrderLoader:
+    """Image batches for a run: `data.source` ("shapes": built in the run folder if missing).
+
+    `batch_size` is the micro-batch; a training stream in the global order needs `global_batch`
+    (micro-batch x accumulation x ranks) to resume at another layout of the same global batch."""
     d = cfg.data
     source = resolve_image_source(cfg, split, run_dir)
     return image_loader(source, batch_size, image_size=d.image_size, augment=augment or d.augment, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer if split == "train" else 0, endless=endless,
                         num_workers=d.num_workers, rank=rank, world_size=world_size,
                         min_image_side=d.min_image_side, max_aspect_ratio=d.max_aspect_ratio,
-                        max_image_pixels=d.max_image_pixels, restart_every_iter=split != "train")
+                        max_image_pixels=d.max_image_pixels, restart_every_iter=split != "train",
+                        order=_order_for(cfg, split, endless, order), global_batch=global_batch)
 
 
 def token_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *, endless: bool = True,
                              rank: int | None = None, world_size: int | None = None,
-                             run_dir: str | Path | None = None) -> ResumableLoader:
-    """Token batches for a run: `data.token_source`, or <run_dir>/tokens/<split>."""
+                             run_dir: str | Path | None = None, global_batch: int | None = None,
+                             order: str | None = None) -> ResumableLoader | GlobalOrderLoader:
+    """Token batches for a run: `data.token_source`, or <run_dir>/tokens/<split>; `global_batch`
+    and `order` as for image_loader_from_config."""
     from megadalle.run_layout import RunLayout
 
     d = cfg.data
@@ -507,7 +586,8 @@ def token_loader_from_config(cfg: Any, batch_size: int, split: str = "train", *,
     return token_loader(source, batch_size, codes_len=cfg.transformer.image_len, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer if split == "train" else 0, endless=endless,
                         num_workers=d.num_workers, rank=rank, world_size=world_size,
-                        restart_every_iter=split != "train")
+                        restart_every_iter=split != "train", order=_order_for(cfg, split, endless, order),
+                        global_batch=global_batch)
 
 
 def resolve_image_source(cfg: Any, split: str = "train", run_dir: str | Path | None = None) -> str:
@@ -525,5 +605,6 @@ def resolve_image_source(cfg: Any, split: str = "train", run_dir: str | Path | N
     return source
 
 
-__all__ = ["ResumableLoader", "StreamSpec", "ShardStats", "format_stats", "image_loader", "token_loader",
+__all__ = ["ResumableLoader", "StreamSpec", "ShardStats", "format_stats", "decode_sample", "collate",
+           "image_loader", "token_loader",
            "image_loader_from_config", "token_loader_from_config", "resolve_image_source"]

@@ -36,7 +36,8 @@ class ClipTrainer(Trainer):
         from megadalle.data.loader import image_loader_from_config
 
         return image_loader_from_config(self.cfg, self.tcfg.micro_batch_size, "train", rank=self.rank,
-                                        world_size=self.world, augment=self.cfg.clip.augment)
+                                        world_size=self.world, augment=self.cfg.clip.augment,
+                                        global_batch=self.tcfg.global_batch(self.world))
 
     def build_val_data(self):
         from megadalle.data.loader import image_loader_from_config

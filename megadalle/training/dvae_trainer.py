@@ -64,8 +64,8 @@ class DVAETrainer(Trainer):
     def build_data(self) -> Any:
         from megadalle.data.loader import image_loader_from_config
 
-        return image_loader_from_config(self.cfg, self.tcfg.micro_batch_size, "train",
-                                        rank=self.rank, world_size=self.world)
+        return image_loader_from_config(self.cfg, self.tcfg.micro_batch_size, "train", rank=self.rank,
+                                        world_size=self.world, global_batch=self.tcfg.global_batch(self.world))
 
     def build_val_data(self) -> Any:
         if not self.tcfg.eval_every:

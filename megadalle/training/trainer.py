@@ -90,6 +90,11 @@ class TrainSummary:
         return "\n".join(lines)
 
 
+def _has_no_rows(batch: Any) -> bool:
+    """A loader's batch (dict with "key") with no sample in it."""
+    return isinstance(batch, dict) and "key" in batch and len(batch["key"]) == 0
+
+
 def _scalar(v: Any) -> float:
     return float(v.detach().float().item()) if torch.is_tensor(v) else float(v)
 
@@ -510,23 +515,38 @@ class Trainer:
                                   f"check the data source and that it has at least micro_batch_size x ranks samples")
 
     def train_step(self, batches: Iterator[Any]) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns this rank's metrics."""
+        """One optimizer step over `grad_accum_steps` micro-batches; returns this rank's metrics,
+        averaged over the micro-batches that had rows (`_real`: 1 when there was one)."""
         sums: dict[str, float] = {}
         tokens = 0
         flops: float | None = 0.0
         accum = self.tcfg.grad_accum_steps
         manual_norm = dist.needs_manual_grad_norm(self.engine)
         norm_before: float | None = None
+        real = 0
         for micro in range(accum):
             batch = next(batches)
+            stand_in = _has_no_rows(batch)
+            if stand_in:
+                # Every sample of this rank's micro-batch was bad (data/global_order.py drops bad
+                # samples rather than take another rank's). ZeRO needs every rank in every
+                # forward and backward, so a row of zeros runs with its loss weighed by 0.
+                batch = self.data.stand_in()
             dist.start_micro_step(self.engine, last=micro == accum - 1)
             loss, metrics = self.compute_loss(self.engine, batch)
-            self.engine.backward(loss)
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + _scalar(v) / accum
+            self.engine.backward(loss * 0.0 if stand_in else loss)
+            values = {k: _scalar(v) for k, v in {"loss": loss, **metrics}.items()}
+            if stand_in:
+                for k in values:
+                    sums.setdefault(k, 0.0)
+                continue
+            real += 1
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
             tokens += self.tokens_in_batch(batch)
             f = self.train_flops(batch)
             flops = None if f is None or flops is None else flops + f
+        sums = {k: v / max(real, 1) for k, v in sums.items()}
         ok = True
         if self.gradient_hook is not None:
             ok = dist.call_hook(self.gradient_hook, self.engine.module)
@@ -548,6 +568,7 @@ class Trainer:
         sums["_tokens"] = float(tokens)
         sums["_flops"] = math.nan if flops is None else float(flops)
         sums["_applied"] = 1.0 if ok else 0.0
+        sums["_real"] = 1.0 if real else 0.0
         return sums
 
     def train(self) -> TrainSummary:
@@ -584,13 +605,15 @@ class Trainer:
         while self.step < total:
             step_metrics = self.train_step(batches)
             self.step += 1
-            for k, v in step_metrics.items():
-                window[k] = window.get(k, 0.0) + v
-            window["_steps"] = window.get("_steps", 0.0) + 1
+            real = step_metrics["_real"]  # 0: this rank's samples of the step were all bad
+            for k, v in step_metrics.items():  # every key on every rank: they are averaged together
+                window[k] = window.get(k, 0.0) + (v if k.startswith("_") or real else 0.0)
+            window["_steps"] = window.get("_steps", 0.0) + real
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_metrics['loss']:.4f}")
-            summary.last_loss = step_metrics["loss"]
+            if real:
+                summary.last_loss = step_metrics["loss"]
             if self.ema.enabled and step_metrics["_applied"] and self.ema.due(self.updates):
                 self._fold_ema()
             logs: dict[str, float] = {}
@@ -637,12 +660,16 @@ class Trainer:
         return summary
 
     def _window_metrics(self, window: dict[str, float], seconds: float, peak: float | None) -> dict[str, float]:
-        n = max(1.0, window.get("_steps", 1.0))
-        local = {k: v / n for k, v in window.items() if not k.startswith("_") and k != "grad_norm"}
+        # Sums and step counts go across ranks, so that a rank with fewer counted steps (all its
+        # samples bad, see train_step) weighs less; with equal counts this is the plain mean.
+        local = {k: v for k, v in window.items() if not k.startswith("_") and k != "grad_norm"}
+        local["_steps"] = window.get("_steps", 0.0)
         # Every rank reports its tokens and FLOPs; throughput is the sum over ranks.
         local["_tokens"] = window.get("_tokens", 0.0)
         local["_flops"] = window.get("_flops", 0.0)
         avg = dist.mean_across_ranks(local)
+        steps = avg.pop("_steps")
+        avg = {k: (v if k.startswith("_") else v / steps if steps else math.nan) for k, v in avg.items()}
         out = {k: v for k, v in avg.items() if not k.startswith("_")}
         applied = window.get("_applied", 0.0)
         if applied and "grad_norm" in window:

@@ -176,7 +176,8 @@ class TransformerTrainer(Trainer):
         from megadalle.data.loader import token_loader_from_config
 
         self.tokenizer = self._load_tokenizer()
-        return token_loader_from_config(self.cfg, micro, "train", rank=self.rank, world_size=self.world)
+        return token_loader_from_config(self.cfg, micro, "train", rank=self.rank, world_size=self.world,
+                                        global_batch=self.tcfg.global_batch(self.world))
 
     def build_val_data(self) -> Any:
         if not self.tcfg.eval_every:
